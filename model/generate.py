@@ -1,0 +1,72 @@
+"""Batched generation with a preallocated KV cache: left padding, one prefill, then one token per step.
+
+Sampling draws one uniform number per sequence per step from that sequence's own generator
+(seeded by `seeds[i]`), so a sample's answer does not depend on which batch or rank it ran in.
+"""
+import torch
+
+
+def sample_next(logits, do_sample: bool, top_p: float, temperature: float, generators):
+    """logits (B, V) float32 -> next ids (B,). Temperature, then nucleus filtering as the study's sampler."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    cum = sorted_p.cumsum(dim=-1)
+    # keep the smallest set whose mass reaches top_p (the top token always stays)
+    keep = (cum - sorted_p) < top_p
+    sorted_p = sorted_p * keep
+    cum = sorted_p.cumsum(dim=-1)
+    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device)  # (B,)
+    pick = torch.searchsorted(cum, (u * cum[:, -1])[:, None]).clamp(max=cum.shape[1] - 1)  # (B, 1)
+    return order.gather(1, pick).squeeze(1)
+
+
+@torch.no_grad()
+def generate_ids(model, prompts: list[list[int]], max_new_tokens: int = 256, max_length: int | None = None,
+                 do_sample: bool = False, top_p: float = 0.7, temperature: float = 0.95, seeds=None):
+    """Token-id prompts (each ending [gMASK] <sop>) -> generated ids per prompt, in input order.
+
+    A sequence ends at <eop> (kept as its last id) or after `max_new_tokens`, or when prompt +
+    answer reach `max_length`. The batch stops as soon as every sequence has ended.
+    """
+    cfg = model.config
+    device = model.lm_head.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    new = max_new_tokens if max_length is None else max(0, min(max_new_tokens, max_length - T))
+    ids = torch.full((B, T), cfg.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = True
+    ids, mask = ids.to(device), mask.to(device)
+    limit = torch.tensor([new if max_length is None else min(new, max_length - len(p)) for p in prompts],
+                         device=device)  # (B,) tokens each sequence may add
+    seeds = list(range(B)) if seeds is None else seeds
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    cache = model.new_cache(B, T + new)
+
+    out = torch.full((B, new), cfg.pad_token_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    done = limit <= 0
+    last = torch.zeros(B, T, dtype=torch.bool, device=device)
+    last[:, -1] = True
+    logits = model(ids, mask, cache, logits_at=last).float()  # prefill: (B, V)
+    for step in range(new):
+        nxt = sample_next(logits, do_sample, top_p, temperature, generators)  # (B,)
+        out[:, step] = nxt
+        lengths += (~done).long()
+        done = done | (nxt == cfg.eos_token_id) | (step + 1 >= limit)
+        if bool(done.all()):
+            break
+        logits = model(nxt[:, None], None, cache)[:, -1].float()  # decode one token: (B, V)
+    return [row[:n] for row, n in zip(out.tolist(), lengths.tolist())]
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, max_length: int | None = None,
+             do_sample: bool = False, top_p: float = 0.7, temperature: float = 0.95, seed: int = 0) -> list[str]:
+    """Prompt strings -> answers (decoded, without <eop>), in input order. Reproducible for a given seed."""
+    ids = [tokenizer.encode(p) for p in prompts]
+    seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
+    rows = generate_ids(model, ids, max_new_tokens, max_length, do_sample, top_p, temperature, seeds)
+    return [tokenizer.decode([t for t in row if t != tokenizer.eop_id]) for row in rows]

@@ -1,0 +1,149 @@
+"""Read and write checkpoints in the released layout, shard by shard.
+
+Reading: the model is built on the meta device, allocated once in the target dtype and device,
+then each shard is copied in and dropped before the next is read, so a 13 GB model never
+exists twice. Writing: sharded safetensors + `model.safetensors.index.json` + `config.json`.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .chatglm import PRESETS, ChatGLMConfig, ChatGLMModel
+
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # recomputed (chatglm.rotary_inv_freq)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, in the order the index lists them."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            return [path / name for name in dict.fromkeys(weight_map.values())]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return [path / single]
+    raise FileNotFoundError(f"{path}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json); "
+                            "point --model at a ChatGLM-6B checkpoint directory or use a preset "
+                            f"({', '.join(sorted(PRESETS))})")
+
+
+def read_shard(file: Path) -> dict[str, torch.Tensor]:
+    """One shard on CPU. `.bin` files are pickles: only `weights_only` loading, memory-mapped when possible."""
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise ValueError(f"cannot read checkpoint shard {file}: {type(e).__name__}: {e}. "
+                         "Re-download the file (compare its size with the index) or re-save the checkpoint.") from e
+
+
+def load_state_dict_into(model: torch.nn.Module, files: list[Path], strict: bool = True) -> set[str]:
+    """Copy shards into an allocated model key by key. Returns the keys loaded.
+
+    Missing keys, unexpected keys and shape mismatches are errors that name the file and the keys.
+    """
+    params = dict(model.named_parameters())
+    loaded = set()
+    for file in files:
+        shard = read_shard(file)
+        unexpected = [k for k in shard if k not in params and not k.endswith(IGNORED_SUFFIXES)]
+        if unexpected and strict:
+            raise ValueError(f"{file}: keys the model does not have: {unexpected[:8]}"
+                             f"{' ...' if len(unexpected) > 8 else ''}; is this a ChatGLM-6B checkpoint?")
+        with torch.no_grad():
+            for k, t in shard.items():
+                if k not in params:
+                    continue
+                if tuple(t.shape) != tuple(params[k].shape):
+                    raise ValueError(f"{file}: {k} has shape {tuple(t.shape)}, the model expects "
+                                     f"{tuple(params[k].shape)}; config.json does not match these weights")
+                params[k].copy_(t)
+                loaded.add(k)
+        del shard
+    missing = sorted(set(params) - loaded)
+    if missing and strict:
+        raise ValueError(f"{files[0].parent}: keys missing from the checkpoint: {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+    return loaded
+
+
+def load_model(path_or_preset, dtype=torch.float32, device="cpu", seed: int = 0) -> ChatGLMModel:
+    """A preset name (random weights from `seed`) or a released checkpoint directory -> model in eval mode."""
+    if str(path_or_preset) in PRESETS:
+        config, files = ChatGLMConfig.from_name(str(path_or_preset)), None
+    else:
+        path = Path(path_or_preset)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path / 'config.json'} not found; --model takes a checkpoint directory or "
+                                    f"a preset ({', '.join(sorted(PRESETS))})")
+        config, files = ChatGLMConfig.from_json(path / "config.json"), checkpoint_files(path)
+    with torch.device("meta"):
+        model = ChatGLMModel(config)
+    model = model.to(dtype).to_empty(device=device)  # one allocation, already in the target dtype
+    if files is None:
+        model.init_weights(seed)
+    else:
+        load_state_dict_into(model, files)
+    return model.eval()
+
+
+def save_checkpoint(state_dict: dict, config: ChatGLMConfig, out_dir, max_shard_bytes: int = 2 << 30,
+                    tokenizer_file=None):
+    """Write `state_dict` (released key names) as sharded safetensors + index + config.json, atomically:
+    everything goes to a sibling temp directory that replaces `out_dir` only when complete."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards, current, size = [], {}, 0
+    for k, t in state_dict.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = t.detach().to("cpu").contiguous()
+        size += nbytes
+    shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        for k, t in shard.items():
+            weight_map[k] = name
+            total += t.numel() * t.element_size()
+    write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(tmp / "config.json", config.to_dict())
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, tmp / "ice_text.model")
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def replace_dir(tmp: Path, out_dir: Path):
+    """Swap a finished temp directory into place; the old one is removed only after the rename."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
