@@ -1,0 +1,247 @@
+"""The network, loader, tokenizer and generation on small random checkpoints in the released layout."""
+import json
+
+import pytest
+import torch
+
+from model import ChatGLMConfig, ChatGLMModel, generate, generate_ids, load_model, load_tokenizer, save_checkpoint
+from model.loader import write_json
+
+SMALL = ChatGLMConfig(vocab_size=300, hidden_size=64, num_layers=3, num_attention_heads=4, inner_hidden_size=160,
+                      max_sequence_length=256, mask_token_id=250, gmask_token_id=251, bos_token_id=254,
+                      eos_token_id=255, pad_token_id=3)
+GMASK, SOP, EOP, PAD = 251, 254, 255, 3
+
+
+def small_model(seed=0, std=0.3):
+    return ChatGLMModel(SMALL).init_weights(seed, std=std).eval()
+
+
+def released_state_dict(model):
+    """Our state dict plus the buffers the released checkpoint also stores, in fp16 like the release."""
+    sd = {k: v.half() for k, v in model.state_dict().items()}
+    d = SMALL.head_dim // 2
+    for i in range(SMALL.num_layers):
+        sd[f"transformer.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(d // 2).half()
+    return sd
+
+
+def write_bin_shards(sd, path, n_shards=3):
+    path.mkdir(parents=True, exist_ok=True)
+    keys = list(sd)
+    weight_map = {}
+    for s in range(n_shards):
+        name = f"pytorch_model-{s + 1:05d}-of-{n_shards:05d}.bin"
+        part = {k: sd[k] for k in keys[s::n_shards]}
+        torch.save(part, path / name)
+        weight_map.update({k: name for k in part})
+    write_json(path / "pytorch_model.bin.index.json", {"metadata": {}, "weight_map": weight_map})
+    write_json(path / "config.json", SMALL.to_dict())
+    return path
+
+
+def prompt(*tokens):
+    return list(tokens) + [GMASK, SOP]
+
+
+# ---------------------------------------------------------------- loader
+
+def test_bin_shards_and_safetensors_load_bit_exactly(tmp_path):
+    model = small_model()
+    sd = released_state_dict(model)
+    bin_dir = write_bin_shards(sd, tmp_path / "bin")
+    st_dir = save_checkpoint(sd, SMALL, tmp_path / "st", max_shard_bytes=20_000)
+    assert len(json.loads((st_dir / "model.safetensors.index.json").read_text())["weight_map"]) == len(sd)
+    assert len(list(st_dir.glob("model-*.safetensors"))) > 1
+    torch.save(sd, (tmp_path / "single").mkdir() or tmp_path / "single" / "pytorch_model.bin")
+    write_json(tmp_path / "single" / "config.json", SMALL.to_dict())
+    for d in (bin_dir, st_dir, tmp_path / "single"):
+        loaded = load_model(d, dtype=torch.float16)
+        for k, v in loaded.state_dict().items():
+            assert torch.equal(v, sd[k]), (d, k)
+    loaded32 = load_model(st_dir)
+    assert loaded32.lm_head.weight.dtype == torch.float32
+    assert torch.equal(loaded32.lm_head.weight, sd["lm_head.weight"].float())
+
+
+def test_loader_errors_name_file_and_keys(tmp_path):
+    sd = released_state_dict(small_model())
+    cases = {
+        "missing": {k: v for k, v in sd.items() if k != "transformer.layers.1.mlp.dense_4h_to_h.weight"},
+        "extra": {**sd, "transformer.layers.9.mlp.extra.weight": torch.zeros(2)},
+        "shape": {**sd, "transformer.final_layernorm.weight": torch.zeros(65)},
+    }
+    expected = {"missing": "transformer.layers.1.mlp.dense_4h_to_h.weight",
+                "extra": "transformer.layers.9.mlp.extra.weight", "shape": "transformer.final_layernorm.weight"}
+    for name, bad in cases.items():
+        d = write_bin_shards(bad, tmp_path / name, n_shards=1)
+        with pytest.raises(ValueError, match=expected[name]):
+            load_model(d)
+    d = write_bin_shards(sd, tmp_path / "truncated", n_shards=2)
+    shard = d / "pytorch_model-00002-of-00002.bin"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="pytorch_model-00002-of-00002.bin"):
+        load_model(d)
+    st = save_checkpoint(sd, SMALL, tmp_path / "st_trunc")
+    f = next(st.glob("model-*.safetensors"))
+    f.write_bytes(f.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=f.name):
+        load_model(st)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_chatglm6b_preset_parameter_count_on_meta():
+    cfg = ChatGLMConfig.from_name("chatglm-6b")
+    with torch.device("meta"):
+        model = ChatGLMModel(cfg)
+    H, F, V, L = 4096, 16384, 130528, 28
+    per_layer = 4 * H + (3 * H * H + 3 * H) + (H * H + H) + (F * H + F) + (H * F + H)
+    expected = 2 * V * H + L * per_layer + 2 * H
+    assert sum(p.numel() for p in model.parameters()) == expected == 6_707_929_088
+
+
+# ---------------------------------------------------------------- forward semantics
+
+def test_prompt_is_bidirectional_and_answer_is_causal():
+    model = small_model()
+    ids = torch.tensor([prompt(10, 11, 12, 13) + [20, 21, 22, 23]])
+    base = model(ids)[0]
+    changed = ids.clone()
+    changed[0, 2] = 99  # a prompt token: every position sees it
+    diff = (model(changed)[0] - base).abs().amax(dim=-1)
+    assert (diff > 1e-4).all()
+    t = 7  # answer token at index 7: positions before it are unchanged
+    changed = ids.clone()
+    changed[0, t] = 99
+    diff = (model(changed)[0] - base).abs().amax(dim=-1)
+    assert (diff[:t] == 0).all() and (diff[t:] > 1e-4).all()
+
+
+def left_padded(seqs):
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), PAD)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def test_left_padded_batch_equals_each_sequence_alone():
+    model = small_model()
+    seqs = [prompt(10, 11, 12, 13, 14) + [30, 31], prompt(40) + [50, 51, 52], prompt(60, 61, 62)]
+    ids, mask = left_padded(seqs)
+    batch = model(ids, mask)
+    for i, s in enumerate(seqs):
+        alone = model(torch.tensor([s]))[0]
+        torch.testing.assert_close(batch[i, -len(s):], alone, atol=1e-5, rtol=0)
+
+
+def test_cached_decoding_equals_full_recomputation_with_padding():
+    model = small_model()
+    seqs = [prompt(10, 11, 12, 13, 14), prompt(40)]
+    answer = torch.tensor([[30, 31, 32], [50, 51, 52]])
+    ids, mask = left_padded(seqs)
+    full = model(torch.cat([ids, answer], 1), torch.cat([mask, torch.ones_like(answer)], 1))
+    cache = model.new_cache(2, ids.shape[1] + 3)
+    steps = [model(ids, mask, cache)[:, -1]]
+    for t in range(2):
+        steps.append(model(answer[:, t:t + 1], None, cache)[:, -1])
+    for t, logits in enumerate(steps):
+        torch.testing.assert_close(logits, full[:, ids.shape[1] - 1 + t], atol=1e-5, rtol=1e-5)
+
+
+def test_logits_at_selects_positions():
+    model = small_model()
+    ids = torch.tensor([prompt(10, 11) + [20, 21], prompt(12, 13) + [22, 23]])
+    at = torch.zeros_like(ids, dtype=torch.bool)
+    at[0, 3], at[1, 5] = True, True
+    full = model(ids)
+    torch.testing.assert_close(model(ids, logits_at=at), torch.stack([full[0, 3], full[1, 5]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close_to_float32(dtype):
+    model = small_model(std=0.1)
+    ids = torch.tensor([prompt(10, 11, 12) + [20, 21]])
+    ref = model(ids)
+    low = model.to(dtype)(ids)
+    assert low.dtype == dtype
+    assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+# ---------------------------------------------------------------- generation
+
+def test_greedy_batch_generation_equals_one_by_one_and_stops_at_eop():
+    model = small_model()
+    prompts = [prompt(10, 11, 12, 13, 14, 15), prompt(40), prompt(60, 61, 62)]
+    batch = generate_ids(model, prompts, max_new_tokens=12)
+    alone = [generate_ids(model, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batch == alone
+    assert all(0 < len(r) <= 12 for r in batch)
+    with torch.no_grad():  # make <eop> the argmax everywhere: every sequence stops after one token
+        model.lm_head.weight[EOP] = model.lm_head.weight[EOP] * 0 + 5 * model.lm_head.weight.abs().max()
+        model.transformer.final_layernorm.bias.fill_(1.0)
+        model.transformer.final_layernorm.weight.fill_(0.0)
+    assert generate_ids(model, prompts, max_new_tokens=12) == [[EOP]] * 3
+
+
+def test_max_length_caps_prompt_plus_answer():
+    model = small_model()
+    prompts = [prompt(10, 11, 12, 13, 14, 15), prompt(40)]
+    rows = generate_ids(model, prompts, max_new_tokens=50, max_length=12)
+    assert [len(p) + len(r) <= 12 for p, r in zip(prompts, rows)] == [True, True]
+
+
+def test_sampling_is_reproducible_and_batch_independent():
+    model = small_model()
+    prompts = [prompt(10, 11, 12), prompt(40, 41)]
+    a = generate_ids(model, prompts, max_new_tokens=10, do_sample=True, top_p=0.9, temperature=1.5, seeds=[7, 8])
+    b = generate_ids(model, prompts, max_new_tokens=10, do_sample=True, top_p=0.9, temperature=1.5, seeds=[7, 8])
+    c = generate_ids(model, prompts[1:], max_new_tokens=10, do_sample=True, top_p=0.9, temperature=1.5, seeds=[8])
+    greedy = generate_ids(model, prompts, max_new_tokens=10)
+    assert a == b and a[1] == c[0] and a != greedy
+
+
+# ---------------------------------------------------------------- tokenizer
+
+TEXTS = ["你好，世界", "line one\nline two\n\nend", "tab\there\t\tand", "emoji 😀👍 and 中文 mixed English 123",
+         "a" + " " * 2 + "b" + " " * 5 + "c" + " " * 80 + "d" + " " * 81 + "e" + " " * 100 + "f",
+         "  leading and trailing  ", "问：今天天气怎么样？\n答：很好。"]
+
+
+def test_tokenizer_round_trips():
+    tok = load_tokenizer("tiny")
+    for text in TEXTS + [" " * k for k in range(2, 101)]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text, repr(text)
+        assert tok.decode(ids + [tok.pad_id, tok.pad_id]) == text
+        assert tok.encode(text) == ids + [tok.gmask_id, tok.sop_id]
+
+
+def test_tokenizer_preprocessing_pieces():
+    tok = load_tokenizer("tiny")
+    ids = tok.encode("a\nb\tc" + " " * 7 + "d", add_special_tokens=False)
+    pieces = [tok.sp.id_to_piece(i) for i in ids]
+    assert "<n>" in pieces and "<|tab|>" in pieces and "<|blank_7|>" in pieces
+
+
+def test_tokenizer_ids_checked_against_config(tmp_path):
+    tok = load_tokenizer("tiny")
+    cfg = ChatGLMConfig.from_name("tiny")
+    cfg.eos_token_id = 130005
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    write_json(d / "config.json", cfg.to_dict())
+    (d / "ice_text.model").write_bytes(open(tok.model_file, "rb").read())
+    with pytest.raises(ValueError, match="eos_token_id=130005.*<eop> at id 9"):
+        load_tokenizer(d)
+
+
+def test_generate_strings_on_tiny_preset():
+    model, tok = load_model("tiny"), load_tokenizer("tiny")
+    out = generate(model, tok, ["你好", "今天天气怎么样？"], max_new_tokens=5)
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+    ids = generate_ids(model, [tok.encode("你好")], max_new_tokens=5)[0]
+    assert out[0] == tok.decode([t for t in ids if t != tok.eop_id])
