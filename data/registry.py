@@ -1,0 +1,172 @@
+"""Datasets by name: `dataset_info.json`, sha1 checks, column mapping, `.json`/`.jsonl` reading, validation.
+
+A dataset directory holds `dataset_info.json` (the schema of the study's code):
+    {"name": {"file_name": "x.json", "file_sha1": "...", "columns": {"prompt": "instruction", "query": "input",
+              "response": "output", "history": "history"}}}
+`columns` is optional (those defaults), and so is `file_sha1`. A file is a JSON list of records or JSON lines.
+Every record that will be used is validated before anything else; problems name the file, the record and the fix.
+"""
+import hashlib
+import json
+import random
+from pathlib import Path
+
+# Pieces of the ChatGLM vocabulary that must never come from data text: the tokenizer would turn them into
+# control tokens and silently change the sample's structure (a stray [gMASK] or <sop> moves the prompt boundary).
+RESERVED_STRINGS = ["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<ENC>", "<dBLOCK>", "<unused_0>",
+                    "<pad>", "<unk>"]
+DEFAULT_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history"}
+
+
+class DataError(ValueError):
+    """An expected problem with the data or its registration; the message says where and how to fix it."""
+
+
+def read_dataset_info(dataset_dir) -> dict:
+    path = Path(dataset_dir) / "dataset_info.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found: --dataset-dir must hold dataset_info.json registering each dataset "
+                        '({"name": {"file_name": ..., "file_sha1": ...}})')
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: expected an object mapping dataset names to entries, got {type(info).__name__}")
+    for name, entry in info.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
+            raise DataError(f"{path}: entry {name!r} needs a \"file_name\" string")
+    return info
+
+
+def sha1_of(path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_file(name: str, dataset_dir, info: dict) -> Path:
+    """The registered file of `name`, its sha1 checked when dataset_info.json gives one."""
+    if name not in info:
+        raise DataError(f"unknown dataset {name!r} in {Path(dataset_dir) / 'dataset_info.json'}; "
+                        f"known: {', '.join(sorted(info))}")
+    path = Path(dataset_dir) / info[name]["file_name"]
+    if not path.is_file():
+        raise DataError(f"dataset {name!r}: file {path} not found (named in dataset_info.json)")
+    expected = info[name].get("file_sha1")
+    if expected:
+        got = sha1_of(path)
+        if got != expected:
+            raise DataError(f"dataset {name!r}: sha1 of {path} is {got} but dataset_info.json says {expected}; "
+                            "the file changed: restore it, or update file_sha1 if the change is intended")
+    return path
+
+
+def read_raw(path: Path) -> list:
+    """`.jsonl`: one JSON value per line (blank lines ignored); otherwise one JSON list."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: invalid JSON at line {lineno}, column {e.colno}: {e.msg}") from None
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(rows).__name__} "
+                        "(use .jsonl for one record per line)")
+    return rows
+
+
+def check_record(raw, columns: dict) -> str | None:
+    """None when the record is well formed, else what is wrong with it and the fix."""
+    if not isinstance(raw, dict):
+        return (f"is a {type(raw).__name__}, not an object; each record must be "
+                '{"instruction", "input", "output", "history"}')
+    for role in ("prompt", "response"):
+        field = columns[role]
+        if field not in raw:
+            return f"lacks field {field!r}; add it (may be empty to drop the record) or map another field in columns"
+    for role in ("prompt", "query", "response"):
+        field = columns.get(role)
+        if field and raw.get(field) is not None and not isinstance(raw[field], str):
+            return f"field {field!r} is a {type(raw[field]).__name__}, expected a string"
+    field = columns.get("history")
+    history = raw.get(field) if field else None
+    if history is not None:
+        if not isinstance(history, list):
+            return f"field {field!r} is a {type(history).__name__}; history must be a list of [query, answer] pairs"
+        for j, turn in enumerate(history):
+            if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+                return (f"field {field!r} turn {j} is {json.dumps(turn, ensure_ascii=False)[:80]}; "
+                        "history must be a list of [query, answer] pairs of strings")
+    for role in ("prompt", "query", "response"):
+        text = raw.get(columns.get(role) or "", None)
+        hit = reserved_in(text)
+        if hit:
+            return f"field {columns[role]!r} contains the special token {hit!r}; remove it from the text"
+    for j, turn in enumerate(history or []):
+        for text in turn:
+            hit = reserved_in(text)
+            if hit:
+                return f"field {field!r} turn {j} contains the special token {hit!r}; remove it from the text"
+    return None
+
+
+def reserved_in(text) -> str | None:
+    if isinstance(text, str):
+        for s in RESERVED_STRINGS:
+            if s in text:
+                return s
+    return None
+
+
+def load_records(names: list[str], dataset_dir, max_samples: int | None = None, seed: int | None = 42,
+                 skip_bad_records: bool = False) -> tuple[list[dict], dict]:
+    """Records of the named datasets -> ([{"prompt", "response", "history", "source"}], report).
+
+    prompt = instruction + input (appended directly, as the study did); history = [[q, a], ...] oldest first;
+    source = (dataset name, index in its file). max_samples keeps the FIRST N records of each file (the study's
+    `dataset.select(range(N))`), counted before empty records are dropped. Records whose instruction or output is
+    empty are dropped and counted, as the study's code did. With an int seed the datasets are concatenated and
+    shuffled by `random.Random(seed)`; with seed=None they keep file order.
+    """
+    info = read_dataset_info(dataset_dir)
+    records, report = [], {"datasets": {}}
+    for name in names:
+        path = dataset_file(name, dataset_dir, info)
+        columns = {**DEFAULT_COLUMNS, **info[name].get("columns", {})}
+        rows = read_raw(path)
+        counts = {"file": str(path), "in_file": len(rows), "read": 0, "kept": 0, "dropped_empty": 0,
+                  "skipped_bad": 0}
+        report["datasets"][name] = counts
+        for i, raw in enumerate(rows[:max_samples] if max_samples is not None else rows):
+            counts["read"] += 1
+            problem = check_record(raw, columns)
+            if problem:
+                if not skip_bad_records:
+                    raise DataError(f"{path}: record {i} {problem} (or pass --skip-bad-records to skip such records)")
+                counts["skipped_bad"] += 1
+                continue
+            prompt = raw.get(columns["prompt"]) or ""
+            response = raw.get(columns["response"]) or ""
+            if not prompt or not response:
+                counts["dropped_empty"] += 1
+                continue
+            query = raw.get(columns["query"]) if columns.get("query") else None
+            history = raw.get(columns["history"]) if columns.get("history") else None
+            records.append({"prompt": prompt + (query or ""), "response": response,
+                            "history": [list(t) for t in history or []], "source": (name, i)})
+            counts["kept"] += 1
+    if seed is not None:
+        random.Random(seed).shuffle(records)
+    report["records"] = len(records)
+    return records, report
