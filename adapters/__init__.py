@@ -1,0 +1,18 @@
+"""Freeze, P-Tuning v2 and LoRA for ChatGLM-6B, one small file each; the model file never knows about them.
+
+    from adapters import add_adapter_args, AdapterSpec, apply_adapter, save_adapter, load_adapter
+    spec = AdapterSpec.from_args(args, model.config.num_layers)
+    apply_adapter(model, spec)          # only the method's tensors require grad, in float32
+    print(trainable_report(model))
+    save_adapter(model, spec, out_dir)  # adapter.json + adapter_model.safetensors (+ PEFT's adapter_config.json)
+"""
+from .checkpoint import base_model_id, load_adapter, save_adapter
+from .dispatch import (AdapterSpec, add_adapter_args, apply_adapter, attach_adapter, parse_layers, trainable_report,
+                       trainable_state_dict)
+from .export import export_merged
+from .lora import LoRALinear, merge_lora
+from .ptuning import PrefixEncoder
+
+__all__ = ["AdapterSpec", "LoRALinear", "PrefixEncoder", "add_adapter_args", "apply_adapter", "attach_adapter",
+           "base_model_id", "export_merged", "load_adapter", "merge_lora", "parse_layers", "save_adapter",
+           "trainable_report", "trainable_state_dict"]

@@ -1,0 +1,234 @@
+"""Adapter checkpoints: only the trained tensors, in layouts that other tools read too.
+
+An adapter directory holds
+- `adapter.json` (ours): the method, its settings, and the base model's identity;
+- `adapter_model.safetensors`: LoRA under PEFT's key names
+  (`base_model.model.transformer.layers.25.attention.query_key_value.lora_A.weight`) next to PEFT's
+  `adapter_config.json`; Freeze / full / P-Tuning under the model's own key names (P-Tuning:
+  `transformer.prefix_encoder.embedding.weight`, the reference's names).
+`load_adapter` also reads LoRA adapters written by PEFT (no adapter.json; `.safetensors` or `.bin`)
+and P-Tuning v2 checkpoints of the reference code (prefix length and projection read off the shapes).
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.loader import read_shard, write_json
+
+from . import lora
+from .dispatch import AdapterSpec, attach_adapter, trainable_state_dict
+
+ARCH_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size",
+               "bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id")
+WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = ("adapter.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+PREFIX_KEY = "transformer.prefix_encoder."
+
+
+def base_model_id(config) -> str:
+    """A short sha1 of the fields that decide the weights' shapes and meaning (not pre_seq_len)."""
+    arch = {k: getattr(config, k) for k in ARCH_FIELDS}
+    return hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_base(arch: dict) -> str:
+    return (f"hidden {arch['hidden_size']}, {arch['num_layers']} layers, {arch['num_attention_heads']} heads, "
+            f"inner {arch['inner_hidden_size']}, vocab {arch['vocab_size']}")
+
+
+def arch_of(config) -> dict:
+    return {k: getattr(config, k) for k in ARCH_FIELDS}
+
+
+# ---------------------------------------------------------------- saving
+
+def save_adapter(model: nn.Module, spec: AdapterSpec, out_dir, base_model_name: str | None = None) -> Path:
+    """Write the model's trainable tensors and the settings to `out_dir`.
+
+    The files are written to a temp directory inside `out_dir`, then moved in one by one with
+    `adapter.json` last, so a directory with adapter.json is complete. Other files in `out_dir`
+    (logs, run.json) are left alone; adapter files of an earlier save are replaced.
+    """
+    tensors = {k: t.to("cpu").contiguous() for k, t in trainable_state_dict(model).items()}
+    if not tensors:
+        raise ValueError("the model has no trainable tensors to save: call apply_adapter first "
+                         "(a merged LoRA model is a full model: save it with model.save_checkpoint)")
+    if next(iter(tensors.values())).device.type == "meta":
+        raise ValueError("the model is on the meta device (a dry run): there are no weights to save")
+    meta = {"method": spec.method, "settings": spec.to_dict(),
+            "base_model": {"id": base_model_id(model.config), **arch_of(model.config)}}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    if spec.method == "lora":
+        tensors = {PEFT_PREFIX + k: t for k, t in tensors.items()}
+        write_json(tmp / "adapter_config.json", peft_config(model, spec, base_model_name))
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    write_json(tmp / "adapter.json", meta)
+
+    written = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == "adapter.json")  # adapter.json last
+    (out_dir / "adapter.json").unlink(missing_ok=True)
+    for name in ADAPTER_FILES:
+        if name not in written:
+            (out_dir / name).unlink(missing_ok=True)  # left over from a save with another method
+    for name in written:
+        os.replace(tmp / name, out_dir / name)
+    tmp.rmdir()
+    return out_dir
+
+
+def peft_config(model: nn.Module, spec: AdapterSpec, base_model_name: str | None) -> dict:
+    """PEFT's adapter_config.json for a LoRA spec."""
+    if spec.lora_target:
+        targets = spec.lora_target
+    elif spec.layers == list(range(model.config.num_layers)):
+        targets = lora.TARGETS[spec.target]  # every layer: the plain suffixes, as one would write them for PEFT
+    else:
+        targets = spec.lora_modules()
+    alpha = spec.lora_alpha
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+            "inference_mode": True, "r": spec.lora_rank, "target_modules": list(targets),
+            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": spec.lora_dropout,
+            "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "init_lora_weights": True,
+            "layers_to_transform": None, "layers_pattern": None, "revision": None}
+
+
+# ---------------------------------------------------------------- reading
+
+def weight_keys(file: Path) -> list[str]:
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    return list(read_shard(file))  # memory-mapped: only the keys are touched
+
+
+def each_tensor(file: Path):
+    """(key, tensor) of one weights file, one tensor in memory at a time (.bin files are memory-mapped)."""
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for k in f.keys():
+                yield k, f.get_tensor(k)
+    else:
+        yield from read_shard(file).items()
+
+
+def model_key(key: str) -> str:
+    """A key of an adapter file -> the model's parameter name: drops PEFT's `base_model.model.` prefix and
+    an adapter name (`.lora_A.default.weight` -> `.lora_A.weight`)."""
+    if key.startswith(PEFT_PREFIX):
+        key = key[len(PEFT_PREFIX):]
+    return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)
+
+
+def read_adapter(adapter_dir, config) -> tuple[AdapterSpec, Path]:
+    """Which method an adapter directory holds and its weights file, checked against the base `config`."""
+    d = Path(adapter_dir)
+    if (d / "adapter.json").is_file():
+        with open(d / "adapter.json", encoding="utf-8") as f:
+            meta = json.load(f)
+        base = meta["base_model"]
+        if base["id"] != base_model_id(config):
+            raise ValueError(f"{d}: adapter made for base {base['id']} ({describe_base(base)}) but the model is "
+                             f"{base_model_id(config)} ({describe_base(arch_of(config))}); "
+                             "load the base model the adapter was trained on (--model)")
+        return AdapterSpec.from_dict(meta["settings"]), d / WEIGHTS
+    if (d / "adapter_config.json").is_file():
+        return read_peft(d)
+    for file in candidate_files(d):
+        keys = weight_keys(file)
+        if any(k.startswith(PREFIX_KEY) for k in keys):
+            return read_reference_ptuning(file, keys), file
+    raise FileNotFoundError(f"{d}: not an adapter directory. Expected adapter.json (written by train.py), "
+                            "adapter_config.json + adapter_model.safetensors/.bin (a PEFT LoRA adapter), or a "
+                            "P-Tuning v2 checkpoint (pytorch_model.bin or *.safetensors with "
+                            f"{PREFIX_KEY}embedding.weight)")
+
+
+def candidate_files(d: Path) -> list[Path]:
+    first = [d / n for n in (WEIGHTS, "pytorch_model.bin", "model.safetensors")]
+    rest = sorted(p for p in d.glob("*") if p.suffix in (".bin", ".safetensors"))
+    return [p for p in dict.fromkeys(first + rest) if p.is_file()]
+
+
+def read_peft(d: Path) -> tuple[AdapterSpec, Path]:
+    """A LoRA adapter written by PEFT: settings from adapter_config.json, target modules from the weights' keys."""
+    with open(d / "adapter_config.json", encoding="utf-8") as f:
+        cfg = json.load(f)
+    where = d / "adapter_config.json"
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
+    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+        raise ValueError(f"{where}: bias={cfg.get('bias')!r}, modules_to_save={cfg.get('modules_to_save')!r}; "
+                         "only LoRA matrices are supported (bias 'none', no modules_to_save)")
+    if cfg.get("fan_in_fan_out"):
+        raise ValueError(f"{where}: fan_in_fan_out=true is for Conv1D models (GPT-2), not ChatGLM")
+    files = [d / n for n in (WEIGHTS, "adapter_model.bin") if (d / n).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{d}: adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
+    # The weights say exactly which modules carry LoRA; PEFT's own suffix match may differ from ours.
+    modules = sorted({model_key(k).rsplit(".lora_", 1)[0] for k in weight_keys(files[0]) if ".lora_" in k})
+    if not modules:
+        raise ValueError(f"{files[0]}: no lora_A/lora_B tensors")
+    spec = AdapterSpec(method="lora", lora_rank=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]),
+                       lora_dropout=float(cfg.get("lora_dropout", 0.0)), lora_target=modules)
+    return spec, files[0]
+
+
+def read_reference_ptuning(file: Path, keys: list[str]) -> AdapterSpec:
+    """The reference code's P-Tuning v2 checkpoint: pre_seq_len = the embedding's rows; projection = trans.* exist."""
+    emb = PREFIX_KEY + "embedding.weight"
+    if emb not in keys:
+        raise ValueError(f"{file}: has {PREFIX_KEY}* keys but no {emb}")
+    shape = next(t.shape for k, t in each_tensor(file) if k == emb)
+    return AdapterSpec(method="ptuning", pre_seq_len=int(shape[0]),
+                       prefix_projection=any(k.startswith(PREFIX_KEY + "trans.") for k in keys))
+
+
+# ---------------------------------------------------------------- loading
+
+@torch.no_grad()
+def copy_weights(model: nn.Module, file: Path):
+    """Copy an adapter file into the model's trainable tensors: exactly those keys, with their shapes."""
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    keys = {model_key(k) for k in weight_keys(file)}
+    unexpected, missing = sorted(keys - expected), sorted(expected - keys)
+    if unexpected:
+        raise ValueError(f"{file}: tensors this adapter's method does not train: {unexpected[:6]}"
+                         f"{' ...' if len(unexpected) > 6 else ''}")
+    if missing:
+        raise ValueError(f"{file}: tensors missing for this adapter's method: {missing[:6]}"
+                         f"{' ...' if len(missing) > 6 else ''}; the file does not match its settings")
+    for k, t in each_tensor(file):
+        p = params[model_key(k)]
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"{file}: {k} has shape {tuple(t.shape)} but the model's {model_key(k)} has "
+                             f"{tuple(p.shape)}: the adapter was made for another base model (this one: "
+                             f"{describe_base(arch_of(model.config))})")
+        p.copy_(t)
+
+
+def load_adapter(model: nn.Module, adapter_dir) -> AdapterSpec:
+    """Apply the adapter in `adapter_dir` to a base model and load its weights, in place. -> its spec.
+
+    Loaded Freeze / full weights take the model's dtype (a bf16 model stays bf16 and runs without
+    autocast); LoRA and prefix tensors are float32 modules that work with any model dtype.
+    """
+    spec, file = read_adapter(adapter_dir, model.config)
+    try:
+        attach_adapter(model, spec)
+    except ValueError as e:
+        raise ValueError(f"{adapter_dir}: cannot apply this adapter to the model: {e}") from e
+    copy_weights(model, file)
+    return spec
