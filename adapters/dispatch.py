@@ -20,22 +20,22 @@ def add_adapter_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group("fine-tuning method (defaults: the study's settings)")
     g.add_argument("--method", choices=METHODS, default="lora",
                    help="freeze: train chosen weights of chosen layers; ptuning: P-Tuning v2 prefixes; "
-                        "lora: low-rank updates; full: every weight (default: lora)")
+                        "lora: low-rank updates; full: every weight")
     g.add_argument("--target", choices=TARGETS, default="qkv",
                    help="freeze/lora: which matrices of the chosen layers: qkv = attention.query_key_value, "
                         "mlp = both MLP matrices, dense = attention.dense, all = all of them "
-                        "(freeze 'all' also trains the layer norms) (default: qkv)")
+                        "(freeze 'all' also trains the layer norms)")
     g.add_argument("--layers", default="3",
-                   help="freeze/lora: '3' = the last 3 layers, '25-27', '0,5,9', 'all' (default: 3)")
-    g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (default: 8)")
-    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha; scaling = alpha / r (default: 32)")
-    g.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input (default: 0.1)")
+                   help="freeze/lora: '3' = the last 3 layers, '25-27', '0,5,9', 'all'")
+    g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha; scaling = alpha / r")
+    g.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
     g.add_argument("--lora-target", default=None,
                    help="comma list of module names selected by suffix, as PEFT's target_modules "
                         "(e.g. 'query_key_value' or '25.attention.query_key_value'); overrides --target/--layers")
-    g.add_argument("--pre-seq-len", type=int, default=16, help="P-Tuning v2 prefix length (default: 16)")
+    g.add_argument("--pre-seq-len", type=int, default=16, help="P-Tuning v2 prefix length")
     g.add_argument("--prefix-projection", action="store_true",
-                   help="P-Tuning v2: encode the prefix with a 2-layer MLP (default: no projection)")
+                   help="P-Tuning v2: encode the prefix with a 2-layer MLP")
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:

@@ -18,7 +18,7 @@ def add_data_args(parser):
     g.add_argument("--dataset", default="roleplay_all_train",
                    help="comma-separated dataset names registered in DIR/dataset_info.json")
     g.add_argument("--dataset-dir", default=str(DEMO_DIR),
-                   help="directory with dataset_info.json (default: the bundled demo data)")
+                   help="directory with dataset_info.json (the bundled demo data unless given)")
     g.add_argument("--max-samples", type=int, default=None,
                    help="keep the first N records of each dataset (file order, before dropping empty ones)")
     g.add_argument("--max-source-length", type=int, default=512,

@@ -33,15 +33,16 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int = 256, max
     cfg = model.config
     device = model.lm_head.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
-    new = max_new_tokens if max_length is None else max(0, min(max_new_tokens, max_length - T))
+    # each sequence may add up to its own cap: max_new_tokens, and max_length counting its own prompt
+    caps = [max_new_tokens if max_length is None else max(0, min(max_new_tokens, max_length - len(p))) for p in prompts]
+    new = max(caps)
     ids = torch.full((B, T), cfg.pad_token_id, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.bool)
     for i, p in enumerate(prompts):  # left padding
         ids[i, T - len(p):] = torch.tensor(p)
         mask[i, T - len(p):] = True
     ids, mask = ids.to(device), mask.to(device)
-    limit = torch.tensor([new if max_length is None else min(new, max_length - len(p)) for p in prompts],
-                         device=device)  # (B,) tokens each sequence may add
+    limit = torch.tensor(caps, device=device)  # (B,)
     seeds = list(range(B)) if seeds is None else seeds
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     cache = model.new_cache(B, T + new)

@@ -49,7 +49,9 @@ class ChatGLMTokenizer:
         return ids + [self.gmask_id, self.sop_id] if add_special_tokens else ids
 
     def decode(self, ids) -> str:
-        return postprocess(self.sp.decode([int(i) for i in ids if int(i) != self.pad_id]))
+        # The model's vocabulary may be padded past the tokenizer's (130528 vs 130344 in the release):
+        # ids without a piece decode to nothing, like pads.
+        return postprocess(self.sp.decode([int(i) for i in ids if int(i) != self.pad_id and int(i) < self.vocab_size]))
 
     def check_config(self, config, where: str):
         """Special-token ids must agree with the model config, or generation never sees <eop>."""

@@ -1,0 +1,136 @@
+"""Generation speed: prefill and decode tokens/s and peak memory, or cached-batched vs naive generation.
+
+    python bench/generate.py --model tiny --batch-size 32 --prompt-len 128 --new-tokens 64
+    python bench/generate.py --model chatglm-6b --device cuda --dtype bf16 --batch-size 32   # random weights
+    python bench/generate.py --compare    # CPU: 64 prompts batched with a KV cache vs one at a time without one
+
+Weights are random (a preset) unless --model names a checkpoint directory; the speed does not depend on them.
+Prompts are random ids ending [gMASK] <sop>; decoding is greedy and runs every step (no early stop on <eop>),
+so each measurement covers exactly batch x new-tokens generated tokens.
+"""
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import generate_ids, load_model  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def random_prompts(config, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    low = max(config.pad_token_id, config.gmask_token_id, config.eos_token_id, config.bos_token_id) + 1
+    body = torch.randint(low, config.vocab_size, (n, length - 2), generator=g)  # no special ids inside
+    return [row + [config.gmask_token_id, config.bos_token_id] for row in body.tolist()]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device) -> str:
+    if device.type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return f"peak process RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+
+
+@torch.no_grad()
+def prefill_decode(model, prompts: list[list[int]], new_tokens: int, device) -> tuple[float, float]:
+    """Seconds for the prefill of the batch and for `new_tokens` single-token decode steps (greedy)."""
+    ids = torch.tensor(prompts, device=device)  # (B, T), equal lengths: no padding
+    B, T = ids.shape
+    cache = model.new_cache(B, T + new_tokens)
+    last = torch.zeros(B, T, dtype=torch.bool, device=device)
+    last[:, -1] = True
+    sync(device)
+    t0 = time.perf_counter()
+    logits = model(ids, None, cache, logits_at=last)  # (B, V)
+    sync(device)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = logits.argmax(-1)  # (B,)
+        logits = model(nxt[:, None], None, cache)[:, -1]  # (B, V)
+    sync(device)
+    return t1 - t0, time.perf_counter() - t1
+
+
+@torch.no_grad()
+def naive_generate(model, prompt: list[int], new_tokens: int, eos: int) -> list[int]:
+    """One prompt, no cache: the whole sequence goes through the model again for every new token."""
+    ids = list(prompt)
+    out = []
+    for _ in range(new_tokens):
+        logits = model(torch.tensor([ids]))[0, -1]  # (V,) from a (1, T + k, V) forward
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        if nxt == eos:
+            break
+        ids.append(nxt)
+    return out
+
+
+def speed(args):
+    device = torch.device(args.device)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device).eval()
+    prompts = random_prompts(model.config, args.batch_size, args.prompt_len)
+    prefill_decode(model, prompts, args.new_tokens, device)  # warm-up: every shape once (kernels, allocator)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill_s, decode_s = prefill_decode(model, prompts, args.new_tokens, device)
+    B, T, N = args.batch_size, args.prompt_len, args.new_tokens
+    where = f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    print(f"model {args.model} ({args.dtype}, {where}) batch {B}, prompt {T}, new tokens {N}")
+    print(f"prefill: {B * T / prefill_s:,.0f} tokens/s ({prefill_s * 1000:.1f} ms)")
+    print(f"decode:  {B * N / decode_s:,.0f} tokens/s ({decode_s / N * 1000:.2f} ms per step)")
+    print(peak_memory(device))
+
+
+def compare(args):
+    """Batched generation with the KV cache (model.generate.generate_ids) vs the naive loop, same answers."""
+    torch.manual_seed(0)
+    model = load_model(args.model, dtype=torch.float32, device="cpu").eval()
+    cfg = model.config
+    prompts = random_prompts(cfg, 64, args.prompt_len)
+    t0 = time.perf_counter()
+    batched = generate_ids(model, prompts, max_new_tokens=args.new_tokens)
+    batched_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    naive = [naive_generate(model, p, args.new_tokens, cfg.eos_token_id) for p in prompts]
+    naive_s = time.perf_counter() - t0
+    tokens = sum(len(r) for r in batched)
+    print(f"model {args.model} (fp32, cpu, {torch.get_num_threads()} threads), 64 prompts of {args.prompt_len} "
+          f"tokens, up to {args.new_tokens} new tokens each ({tokens} generated)")
+    print(f"batched, KV cache:          {batched_s:8.2f} s  ({tokens / batched_s:,.0f} tokens/s)")
+    print(f"one at a time, no cache:    {naive_s:8.2f} s  ({tokens / naive_s:,.0f} tokens/s)")
+    print(f"speedup: {naive_s / batched_s:.1f}x; identical greedy answers: {batched == naive}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="preset (tiny, chatglm-6b: random weights) or checkpoint dir")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, help="prompt tokens incl. [gMASK] <sop> (default 128; --compare 64)")
+    p.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default 64; --compare 64)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compare", action="store_true",
+                   help="CPU, fp32: 64 prompts batched with the KV cache vs one at a time without a cache")
+    args = p.parse_args()
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.new_tokens = args.new_tokens or 64
+    if args.compare:
+        args.prompt_len = args.prompt_len or 64
+        compare(args)
+    else:
+        args.prompt_len = args.prompt_len or 128
+        speed(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""evaluate.py: the comparison table, recomputing metrics, end-to-end evaluation of the tiny preset, resume,
+1 vs 2 processes, and the errors raised before any generation starts."""
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+from adapters import AdapterSpec, apply_adapter, save_adapter
+from data import DEMO_DIR, build_eval_samples
+from metrics import METRICS, corpus_scores
+from model import ChatGLMConfig, ChatGLMModel, generate_ids, load_model, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = ("roleplay_all_test", "alpaca_gpt4_zh")
+# small but every sample still generates: prompts of at most 40 tokens, answers up to 48 - prompt
+TINY = ["--model", "tiny", "--max-samples", "4", "--max-length", "48", "--max-source-length", "40"]
+
+
+def write_run(runs: Path, dirname: str, run: dict, metrics: dict | None):
+    d = runs / dirname
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({"name": dirname, "commands": [], **run}))
+    for name, values in (metrics or {}).items():
+        (d / "eval" / name).mkdir(parents=True)
+        (d / "eval" / name / "metrics.json").write_text(json.dumps(dict(zip(METRICS, values))))
+
+
+def three_runs(runs: Path):
+    # directory names sort 0, 14, 9 as text: the table must sort by id as a number
+    write_run(runs, "0-base", {"id": 0, "method": "none", "target": "-", "layers": "-", "aux": False},
+              {"roleplay_all_test": [1.434, 11.93, 0.74, 8.78], "alpaca_gpt4_zh": [15.65, 34.41, 15.67, 26.2]})
+    write_run(runs, "14-lora-mlp-0-2-aux", {"id": 14, "method": "lora", "target": "mlp", "layers": "0-2", "aux": True},
+              {"roleplay_all_test": [2.82, 14.68, 1.1349, 12.16], "alpaca_gpt4_zh": [7.71, 29.21, 11.2, 22.01]})
+    write_run(runs, "9-ptuning", {"id": 9, "method": "ptuning", "target": "-", "layers": "-", "aux": False},
+              {"roleplay_all_test": [1.37, 11.89, 1.1312, 8.93], "alpaca_gpt4_zh": [16.37, 35.59, 15.95, 27.06]})
+    (runs / "base-model").mkdir()  # no run.json: not a run (the demo's exported base model lives here)
+
+
+EXPECTED_TABLE = """\
+| id | method | target | layers | aux | roleplay_all_test | - | - | - | alpaca_gpt4_zh | - | - | - |
+| -- | ------ | ------ | ------ | --- | ----------------- | - | - | - | -------------- | - | - | - |
+| - | - | - | - | - | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-l | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-l |
+| 0 | none | - | - | no | 1.43 | 11.93 | 0.74 | 8.78 | 15.65 | 34.41 | 15.67 | 26.20 |
+| 9 | ptuning | - | - | no | 1.37 | 11.89 | **1.13** | 8.93 | **16.37** | **35.59** | **15.95** | **27.06** |
+| 14 | lora | mlp | 0-2 | yes | **2.82** | **14.68** | **1.13** | **12.16** | 7.71 | 29.21 | 11.20 | 22.01 |
+"""
+
+
+def test_table_of_three_runs(tmp_path, capsys):
+    three_runs(tmp_path)
+    evaluate.main(["--runs", str(tmp_path)])
+    assert capsys.readouterr().out == EXPECTED_TABLE
+    assert (tmp_path / "results.md").read_text(encoding="utf-8") == EXPECTED_TABLE
+    rows = (tmp_path / "results.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == ("id,name,method,target,layers,aux," +
+                       ",".join(f"{s}/{m}" for s in SETS for m in METRICS))
+    assert rows[1] == "0,0-base,none,-,-,False,1.434,11.93,0.74,8.78,15.65,34.41,15.67,26.2"
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "9", "14"]
+    png = (tmp_path / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_table_bold_top_and_missing_metrics(tmp_path, capsys):
+    three_runs(tmp_path)
+    write_run(tmp_path, "17-lora-qkv", {"id": 17, "method": "lora", "target": "qkv", "layers": "3-5", "aux": False},
+              {"roleplay_all_test": [3.0, 1.0, 0.5, 2.0]})
+    evaluate.main(["--runs", str(tmp_path), "--bold-top", "2"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[3] == ("| 0 | none | - | - | no | 1.43 | **11.93** | **0.74** | 8.78 | "
+                      "**15.65** | **34.41** | **15.67** | **26.20** |")
+    assert out[6] == "| 17 | lora | qkv | 3-5 | no | **3.00** | 1.00 | 0.50 | 2.00 | - | - | - | - |"
+    assert out[7].startswith("missing: run 17 ") and out[7].count("alpaca_gpt4_zh") == 1
+
+
+def test_from_predictions_recomputes(tmp_path, capsys):
+    records = [{"index": 0, "prompt": "p", "label": "美国的首都是华盛顿。", "predict": "美国的首都是华盛顿特区。",
+                "hit_length_cap": False},
+               {"index": 1, "prompt": "p", "label": "本喵可以陪你去做饭喵～", "predict": "", "hit_length_cap": True}]
+    f = tmp_path / "generated_predictions.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    (tmp_path / "metrics.json").write_text(json.dumps({"dataset": "alpaca_gpt4_zh", "bleu-4": -1.0,
+                                                       "generation": {"seed": 7}}))
+    evaluate.main(["--from-predictions", str(f)])
+    got = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    want = corpus_scores([r["predict"] for r in records], [r["label"] for r in records])
+    assert {k: got[k] for k in METRICS} == want and want["bleu-4"] > 0
+    assert got["n_samples"] == 2 and got["n_length_capped"] == 1
+    assert got["generation"] == {"seed": 7} and got["dataset"] == "alpaca_gpt4_zh"  # kept from the old file
+    assert json.loads(capsys.readouterr().out)["rouge-1"] == want["rouge-1"]
+
+
+def read_predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_end_to_end_tiny(tmp_path):
+    evaluate.main(TINY + ["--greedy", "--batch-size", "3", "--output-dir", str(tmp_path)])
+    tokenizer = load_tokenizer("tiny")
+    model = load_model("tiny").eval()
+    for name in SETS:
+        preds = read_predictions(tmp_path / name / "generated_predictions.jsonl")
+        samples = build_eval_samples(tokenizer, name, DEMO_DIR, 4, max_source_length=40)
+        assert [p["index"] for p in preds] == [0, 1, 2, 3]
+        assert [(p["prompt"], p["label"]) for p in preds] == [(s["prompt"], s["label"]) for s in samples]
+        # each answer equals the sample generated alone with its own cap: batching changes nothing
+        for p, s in zip(preds, samples):
+            cap = 48 - len(s["input_ids"])
+            row = generate_ids(model, [s["input_ids"]], max_new_tokens=cap)[0]
+            ended = row[-1] == tokenizer.eop_id
+            text = tokenizer.decode([t for t in (row[:-1] if ended else row) if t < tokenizer.vocab_size])
+            assert (p["predict"], p["hit_length_cap"]) == (text, not ended)
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text(encoding="utf-8"))
+        want = corpus_scores([p["predict"] for p in preds], [p["label"] for p in preds])
+        assert {k: metrics[k] for k in METRICS} == want
+        assert metrics["n_samples"] == 4 and metrics["n_length_capped"] == sum(p["hit_length_cap"] for p in preds)
+        assert metrics["generation"]["do_sample"] is False and metrics["generation"]["max_length"] == 48
+        assert metrics["model"]["path"] == "tiny" and metrics["checkpoint"] is None
+        assert set(metrics["versions"]) == {"jieba", "rouge-chinese", "nltk"}
+        assert not list((tmp_path / name).glob("*partial*"))
+
+
+def test_resume_does_not_redo_written_predictions(tmp_path, monkeypatch):
+    args = TINY + ["--dataset", "alpaca_gpt4_zh", "--batch-size", "2"]
+    calls = []
+
+    def interrupted(model, prompts, **kw):
+        if calls:
+            raise RuntimeError("killed")
+        calls.append(len(prompts))
+        return generate_ids(model, prompts, **kw)
+
+    monkeypatch.setattr(evaluate, "generate_ids", interrupted)
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate.main(args + ["--output-dir", str(tmp_path / "run")])
+    partial = list((tmp_path / "run" / "alpaca_gpt4_zh").glob("generated_predictions.partial-*.jsonl"))
+    assert len(partial) == 1 and len(partial[0].read_text().splitlines()) == 2
+
+    def counting(model, prompts, **kw):
+        calls.append(len(prompts))
+        return generate_ids(model, prompts, **kw)
+
+    calls.clear()
+    monkeypatch.setattr(evaluate, "generate_ids", counting)
+    evaluate.main(args + ["--output-dir", str(tmp_path / "run")])
+    assert calls == [2]  # only the two samples the interrupted run had not written
+    evaluate.main(args + ["--output-dir", str(tmp_path / "fresh")])
+    assert calls == [2, 2, 2]
+    resumed = (tmp_path / "run" / "alpaca_gpt4_zh" / "generated_predictions.jsonl").read_text(encoding="utf-8")
+    fresh = (tmp_path / "fresh" / "alpaca_gpt4_zh" / "generated_predictions.jsonl").read_text(encoding="utf-8")
+    assert resumed == fresh
+    assert not list((tmp_path / "run" / "alpaca_gpt4_zh").glob("*partial*"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_one_vs_two_processes_identical(tmp_path):
+    """Sampling (the study's default) with 5 samples in batches of 2: ranks get uneven shares."""
+    args = TINY[:3] + ["5"] + TINY[4:] + ["--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "evaluate.py", *args, "--output-dir", str(tmp_path / "one")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          "evaluate.py", *args, "--output-dir", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for name in SETS:
+        a = (tmp_path / "one" / name / "generated_predictions.jsonl").read_text(encoding="utf-8")
+        b = (tmp_path / "two" / name / "generated_predictions.jsonl").read_text(encoding="utf-8")
+        assert a == b and len(a.splitlines()) == 5
+        ma = json.loads((tmp_path / "one" / name / "metrics.json").read_text(encoding="utf-8"))
+        mb = json.loads((tmp_path / "two" / name / "metrics.json").read_text(encoding="utf-8"))
+        assert {k: ma[k] for k in METRICS} == {k: mb[k] for k in METRICS}
+        assert (ma["generation"]["world_size"], mb["generation"]["world_size"]) == (1, 2)
+        assert ma["generation"]["do_sample"] is True
+
+
+def test_adapter_for_another_base_model_fails_before_generation(tmp_path, monkeypatch, capsys):
+    other = ChatGLMConfig.from_name("tiny")
+    other.num_layers = 4
+    model = ChatGLMModel(other).init_weights(0)
+    spec = AdapterSpec(method="lora", target="qkv", layers=[1, 2, 3])
+    apply_adapter(model, spec)
+    save_adapter(model, spec, tmp_path / "adapter")
+    monkeypatch.setattr(evaluate, "generate_ids", lambda *a, **k: pytest.fail("generation started"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(TINY + ["--checkpoint", str(tmp_path / "adapter"), "--output-dir", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "adapter made for base" in err and "4 layers" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_dataset_fails_before_generation(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "generate_ids", lambda *a, **k: pytest.fail("generation started"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(TINY + ["--dataset", "alpaca_gpt4_zh,no_such_set", "--output-dir", str(tmp_path)])
+    assert e.value.code == 2 and "unknown dataset 'no_such_set'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_table_evaluates_missing_runs_with_model(tmp_path, capsys):
+    write_run(tmp_path, "0-base", {"id": 0, "method": "none", "target": "-", "layers": "-", "aux": False}, None)
+    evaluate.main(["--runs", str(tmp_path), "--dataset", "alpaca_gpt4_zh", "--greedy"] + TINY)
+    metrics = json.loads((tmp_path / "0-base" / "eval" / "alpaca_gpt4_zh" / "metrics.json").read_text())
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row == "| 0 | none | - | - | no | " + " | ".join(f"**{metrics[k]:.2f}**" for k in METRICS) + " |"
+
+
+def test_chat_keeps_history(monkeypatch, capsys):
+    tokenizer = load_tokenizer("tiny")
+    first_piece = tokenizer.encode("好的", add_special_tokens=False)[0]
+    answer = tokenizer.decode([first_piece])
+    prompts = []
+
+    def fake(model, prompt_ids, **kw):
+        prompts.append(tokenizer.decode(prompt_ids[0][:-2]))  # without [gMASK] <sop>
+        return [[first_piece, tokenizer.eop_id]]
+
+    monkeypatch.setattr(evaluate, "generate_ids", fake)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n再见\nclear\n嗨\nexit\n不会读到\n"))
+    evaluate.main(["--chat", "--model", "tiny", "--greedy"])
+    assert prompts == ["你好", f"[Round 0]\n问：你好\n答：{answer}\n[Round 1]\n问：再见\n答：", "嗨"]
+    assert capsys.readouterr().out.count(f"ChatGLM: {answer}") == 3
+
+
+@pytest.mark.parametrize("method", ["lora", "ptuning", "freeze"])
+def test_checkpoint_is_applied(tmp_path, method):
+    """Predictions with --checkpoint equal the adapted model's own generations (LoRA: merged vs not merged),
+    and differ from the base model's."""
+    model = load_model("tiny")
+    spec = AdapterSpec(method=method, target="qkv", layers=[3, 4, 5], lora_rank=4, pre_seq_len=4)
+    apply_adapter(model, spec)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * (5.0 if method == "ptuning" else 0.5))
+    save_adapter(model, spec, tmp_path / "run")
+    args = TINY + ["--dataset", "alpaca_gpt4_zh", "--max-samples", "3", "--greedy"]
+    evaluate.main(args + ["--checkpoint", str(tmp_path / "run")])
+    evaluate.main(args + ["--output-dir", str(tmp_path / "base")])
+    tuned = read_predictions(tmp_path / "run" / "eval" / "alpaca_gpt4_zh" / "generated_predictions.jsonl")
+    base = read_predictions(tmp_path / "base" / "alpaca_gpt4_zh" / "generated_predictions.jsonl")
+    tokenizer = load_tokenizer("tiny")
+    model.eval()
+    for p, s in zip(tuned, build_eval_samples(tokenizer, "alpaca_gpt4_zh", DEMO_DIR, 3, max_source_length=40)):
+        row = generate_ids(model, [s["input_ids"]], max_new_tokens=48 - len(s["input_ids"]))[0]
+        ended = row[-1] == tokenizer.eop_id
+        assert p["predict"] == tokenizer.decode([t for t in (row[:-1] if ended else row) if t < tokenizer.vocab_size])
+    assert [p["predict"] for p in tuned] != [p["predict"] for p in base]
+    metrics = json.loads((tmp_path / "run" / "eval" / "alpaca_gpt4_zh" / "metrics.json").read_text())
+    assert metrics["checkpoint"]["adapter"]["method"] == method
+    assert "adapter_model.safetensors" in metrics["checkpoint"]["sha256"]
