@@ -63,6 +63,12 @@ PRESETS = {
 }
 
 
+# The residual scale is sqrt(2 * 28) for every model, whatever its depth: the reference's GLMBlock takes
+# `num_layers=28` as a default argument that its ChatGLMModel never passes. For ChatGLM-6B (28 layers)
+# this is the documented sqrt(2 L); for smaller test checkpoints it is what the reference computes.
+REFERENCE_ALPHA_LAYERS = 28
+
+
 # ---------------------------------------------------------------- positions and masks
 
 def prompt_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor, config: ChatGLMConfig):
@@ -194,7 +200,7 @@ class Block(nn.Module):
         self.attention = Attention(config, layer_id)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
-        self.alpha = math.sqrt(2 * config.num_layers)
+        self.alpha = math.sqrt(2 * REFERENCE_ALPHA_LAYERS)
 
     def forward(self, x, cos, sin, visible, prefix=None, cache=None):
         # ChatGLM's residual is the LayerNorm OUTPUT scaled by sqrt(2 L), not the block input.
