@@ -1,0 +1,173 @@
+"""Training-step benchmark: random weights, random token batches, the training loop's own loss and optimizer.
+
+    python bench/train.py --hidden 1024 --num-layers 4 --method lora --target qkv --layers 3 \\
+        --batch-size 8 --seq-len 256 --precision fp32            # CPU: a small model with the released vocabulary
+    python bench/train.py --model chatglm-6b --method lora --batch-size 8 --seq-len 512   # one GPU
+
+Prints tokens/s, step time, peak memory and (on CUDA) the model FLOP utilisation. Every batch is a
+training sample of the study's shape: a prompt of seq_len/2 tokens, [gMASK] <sop>, an answer, <eop>;
+the loss covers the answer only, as in training.
+
+FLOPs counted per optimizer step (matmuls only: 2 FLOPs per multiply-add; norms, rotary, softmax ignored):
+    H hidden, F inner, L layers, V vocab, T tokens per sequence, S = T + prefix keys per query,
+    tokens = batch * T, n = positions whose logits are computed (the answer tokens)
+    forward   = tokens * L * (2 * (4 H^2 + 2 H F) + 4 H S)     per layer: qkv 3H^2, dense H^2, mlp 2HF; QK^T and AV
+              + n * 2 H V                                       lm_head, at the answer positions only
+              + tokens * 2 * adapter matmul params              LoRA A and B (P-Tuning: none)
+    backward  = tokens * (L - l0) * (2 * (4 H^2 + 2 H F) + 8 H S)   input gradients above the lowest trainable
+                                                                  layer l0 (attention backward: 4 matmuls)
+              + n * 2 H V                                       lm_head input gradient
+              + tokens * 2 * trainable matmul params            weight gradients (x n instead of tokens for lm_head)
+    MFU = (forward + backward) / step time / peak bf16 dense FLOP/s of the GPU (--peak-tflops).
+Below l0 there is no backward at all (nothing there requires grad), which is why Freeze/LoRA on the last
+layers cost little more than inference.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402  (the training loop's loss and helpers)
+import train_lib  # noqa: E402
+from adapters import AdapterSpec, add_adapter_args, apply_adapter  # noqa: E402
+from model import PRESETS, ChatGLMConfig, ChatGLMModel  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help=f"a preset ({', '.join(sorted(PRESETS))}); default: the custom "
+                                                 "config of --hidden etc. with the released vocabulary")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--inner", type=int, default=None, help="MLP width (default 4 x hidden)")
+    p.add_argument("--vocab", type=int, default=130528)
+    add_adapter_args(p)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--precision", choices=sorted(train.DTYPES), default="bf16")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None, help="GPU peak bf16 dense TFLOP/s (default: by name)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def model_config(args) -> ChatGLMConfig:
+    if args.model:
+        return ChatGLMConfig.from_name(args.model)
+    base = ChatGLMConfig()  # the released special-token ids go with the released vocabulary
+    return ChatGLMConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.num_layers,
+                         num_attention_heads=args.heads, inner_hidden_size=args.inner or 4 * args.hidden,
+                         max_sequence_length=max(2048, args.seq_len + 16), mask_token_id=base.mask_token_id,
+                         gmask_token_id=base.gmask_token_id, bos_token_id=base.bos_token_id,
+                         eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id)
+
+
+def random_batch(config: ChatGLMConfig, batch: int, T: int, g: torch.Generator) -> dict:
+    """Prompt (T/2 - 2 random ids) [gMASK] <sop> answer (random ids) <eop>: (B, T), labels from <sop> on."""
+    src = T // 2 - 2
+    special = min(config.mask_token_id, config.gmask_token_id, config.bos_token_id, config.eos_token_id)
+    ids = torch.randint(10, min(special, config.vocab_size), (batch, T), generator=g)
+    ids[:, src], ids[:, src + 1], ids[:, -1] = config.gmask_token_id, config.bos_token_id, config.eos_token_id
+    labels = ids.clone()
+    labels[:, :src + 1] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def step_flops(model, config: ChatGLMConfig, batch: int, T: int, lowest: int) -> float:
+    H, F, L, V = config.hidden_size, config.inner_hidden_size, config.num_layers, config.vocab_size
+    prefix = model.transformer.prefix_encoder.pre_seq_len if model.transformer.prefix_encoder is not None else 0
+    S, tokens, n = T + prefix, batch * T, batch * (T - (T // 2 - 1))  # answer positions incl. the one after <sop>
+    base_matmul = 2 * (4 * H * H + 2 * H * F)
+    adapter_matmul = sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
+    trainable_matmul = sum(p.numel() for name, p in model.named_parameters()
+                           if p.requires_grad and p.ndim == 2 and "word_embeddings" not in name
+                           and "prefix_encoder" not in name and name != "lm_head.weight")
+    lm_head_trainable = model.lm_head.weight.requires_grad
+    forward = tokens * L * (base_matmul + 4 * H * S) + n * 2 * H * V + tokens * 2 * adapter_matmul
+    backward = (tokens * (L - lowest) * (base_matmul + 8 * H * S) + n * 2 * H * V
+                + tokens * 2 * trainable_matmul + (n * 2 * H * V if lm_head_trainable else 0))
+    return float(forward + backward)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    config = model_config(args)
+    torch.manual_seed(args.seed)
+    with torch.device("meta"):
+        model = ChatGLMModel(config)
+    dtype = train.DTYPES[args.precision]
+    model = model.to(dtype).to_empty(device=device).init_weights(args.seed)
+    spec = AdapterSpec.from_args(args, config.num_layers)
+    apply_adapter(model, spec)
+    model.train()
+    lowest = train.lowest_trainable_layer(model)
+    for block in model.transformer.layers[lowest:]:
+        if args.grad_checkpointing:
+            block.forward = train.checkpointed(block.forward)
+        if args.compile:
+            block.compile()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32")
+    g = torch.Generator().manual_seed(args.seed)
+    batch = random_batch(config, args.batch_size, args.seq_len, g)
+
+    def step():
+        with autocast:
+            loss = train.token_loss_sum(model, batch, device)
+        n = (batch["labels"][:, 1:] != -100).sum()
+        (loss / n).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+
+    mean = statistics.mean(times)
+    tokens = args.batch_size * args.seq_len
+    flops = step_flops(model, config, args.batch_size, args.seq_len, lowest)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: hidden {config.hidden_size}, {config.num_layers} layers, {config.num_attention_heads} heads, "
+          f"inner {config.inner_hidden_size}, vocab {config.vocab_size} ({n_params / 1e6:.1f}M params); "
+          f"{spec.to_dict()}; lowest trainable layer {lowest}")
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "
+          f"({torch.get_num_threads()} threads), {args.precision}, batch {args.batch_size} x {args.seq_len} tokens"
+          f"{', grad checkpointing' if args.grad_checkpointing else ''}{', compiled' if args.compile else ''}")
+    print(f"step time: {mean * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, {args.steps} steps after {args.warmup} warmup)")
+    print(f"tokens/s: {tokens / mean:.0f}")
+    print(f"peak memory: {train_lib.peak_memory_bytes(device) / 2**30:.2f} GiB "
+          f"({'CUDA max allocated' if device.type == 'cuda' else 'process max RSS, VmHWM'})")
+    print(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP -> {flops / mean / 1e9:.1f} GFLOP/s")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        if peak is None:
+            print(f"MFU: unknown peak for {name}; pass --peak-tflops")
+        else:
+            print(f"MFU: {100 * flops / mean / (peak * 1e12):.1f}% of {peak:.0f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
