@@ -182,7 +182,7 @@ ROWS=$(echo "$GRID" | awk -v ids=" ${IDS[*]:-} " 'NF && (ids == "  " || index(id
 
 if [ "$DEMO" = 1 ]; then
     BASE_CMD="$PY train.py $BASE_TRAIN --output-dir $RUNS/base-train"
-    EXPORT_CMD="$PY -m adapters.export --model tiny --checkpoint $RUNS/base-train --output $MODEL"
+    EXPORT_CMD="$PY -m adapters --model tiny --checkpoint $RUNS/base-train --output $MODEL"
     if [ "$DRY" = 1 ]; then
         echo "# base model for the demo: tiny ChatGLM trained on the general-knowledge data"
         echo $BASE_CMD

@@ -126,13 +126,38 @@ def checkpointed(forward):
     return run
 
 
+class TokenCrossEntropy(torch.autograd.Function):
+    """Sum of float32 cross-entropies of logits (N, V) against targets (N,), a chunk of rows at a time.
+
+    F.cross_entropy keeps an (N, V) float32 log-softmax for backward and builds two more (N, V) tensors
+    there; with the released vocabulary (130528) those dominate a LoRA step's memory. This keeps only
+    the logits (which exist anyway) and one log-sum-exp per row, and writes softmax - onehot once.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, rows: int = 256):
+        lse = torch.cat([c.float().logsumexp(dim=-1) for c in logits.split(rows)])  # (N,)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.rows = rows
+        return (lse - logits.gather(1, targets[:, None]).squeeze(1).float()).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for g, c, l in zip(grad.split(ctx.rows), logits.split(ctx.rows), lse.split(ctx.rows)):
+            g.copy_((c.float() - l[:, None]).exp_().mul_(grad_out))
+        grad[torch.arange(len(targets), device=grad.device), targets] -= grad_out.to(grad.dtype)
+        return grad, None, None
+
+
 def token_loss_sum(model, batch: dict, device) -> torch.Tensor:
     """Sum of float32 cross-entropies of every label token. Position t predicts token t+1, so logits
     are computed only at positions whose next label is not -100: (N, V), never (B, T, V) in float32."""
     input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)  # (B, T)
     follows = labels[:, 1:] != -100  # (B, T-1)
     logits = model(input_ids, batch["attention_mask"].to(device), logits_at=F.pad(follows, (0, 1)))  # (N, V)
-    return F.cross_entropy(logits.float(), labels[:, 1:][follows], reduction="sum")
+    return TokenCrossEntropy.apply(logits, labels[:, 1:][follows])
 
 
 def sync_gradients(wrapped, last: bool, fsdp: bool):

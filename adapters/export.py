@@ -1,6 +1,6 @@
 """Merge an adapter into its base model and write the result as a released-layout checkpoint.
 
-    python -m adapters.export --model BASE --checkpoint ADAPTER_DIR --output OUT_DIR [--dtype bfloat16]
+    python -m adapters --model BASE --checkpoint ADAPTER_DIR --output OUT_DIR [--dtype bfloat16]
 
 LoRA updates are folded into the weights (W += scaling * B @ A); Freeze / full weights replace the
 base's. The output loads with `model.load_model(OUT_DIR)`. P-Tuning v2 cannot be merged: its
@@ -76,7 +76,3 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = export_merged(args.model, args.checkpoint, args.output, DTYPES[args.dtype] if args.dtype else None)
     print(f"[export] {args.checkpoint} + {args.model} -> {out}")
-
-
-if __name__ == "__main__":
-    main()
