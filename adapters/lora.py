@@ -37,10 +37,31 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)  # a fresh adapter leaves the model unchanged
+        self.merged = False  # True while the update is folded into `weight` (the branch is then skipped)
         self.train(base.training)  # a new module starts in train mode; follow the layer it replaces
+
+    @torch.no_grad()
+    def delta(self):
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in), float32
+
+    @torch.no_grad()
+    def merge(self):
+        """W += scaling * B @ A, computed in float32 and stored in the base dtype."""
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta().to(self.weight.device)).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """W -= scaling * B @ A: back to the base weight (exact in float32 up to rounding)."""
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta().to(self.weight.device)).to(self.weight.dtype))
+            self.merged = False
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
         # The branch runs on x cast to A's dtype (float32); under autocast the Linear layers still run
         # in half precision. Without autocast this makes a bf16 model with fp32 LoRA tensors work.
         z = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
@@ -97,13 +118,12 @@ def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dr
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight (W += scaling * B @ A, computed in float32, stored in the
-    base dtype) and put a plain nn.Linear back in place. In place; returns the model."""
+    """Fold every LoRA update into its base weight for good (inference, export) and put a plain nn.Linear
+    back in place. In place; returns the model. (`LoRALinear.merge` / `.unmerge` toggle without removing.)"""
     for name, m in list(model.named_modules()):
         if not isinstance(m, LoRALinear):
             continue
-        delta = (m.lora_B.weight.float() @ m.lora_A.weight.float()) * m.scaling  # (out, in)
-        m.weight.copy_((m.weight.float() + delta.to(m.weight.device)).to(m.weight.dtype))
+        m.merge()
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         plain.weight, plain.bias = m.weight, m.bias  # the same Parameters: no second copy
         parent_name, _, child = name.rpartition(".")

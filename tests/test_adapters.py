@@ -149,6 +149,21 @@ def test_merged_lora_equals_unmerged():
     assert (model(ids) - unmerged).abs().max() < 1e-5
 
 
+def test_lora_merge_then_unmerge_restores_the_base_weight():
+    model, ids = adapted("lora-qkv"), batch()
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    base = [m.weight.clone() for m in layers]
+    unmerged = model(ids)
+    for m in layers:
+        m.merge()
+    assert all(not torch.equal(m.weight, w) for m, w in zip(layers, base))
+    assert (model(ids) - unmerged).abs().max() < 1e-5  # the branch is skipped while merged
+    for m in layers:
+        m.unmerge()
+    assert all((m.weight - w).abs().max() < 1e-6 for m, w in zip(layers, base))
+    assert (model(ids) - unmerged).abs().max() < 1e-5
+
+
 def test_bad_lora_target_lists_the_models_module_names():
     model = small_model()
     with pytest.raises(ValueError) as e:
