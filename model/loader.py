@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .chatglm import PRESETS, ChatGLMConfig, ChatGLMModel
+from .tokenizer import tokenizer_config_json
 
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # recomputed (chatglm.rotary_inv_freq)
 
@@ -129,6 +130,7 @@ def save_checkpoint(state_dict: dict, config: ChatGLMConfig, out_dir, max_shard_
     write_json(tmp / "config.json", config.to_dict())
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / "ice_text.model")
+        (tmp / "tokenizer_config.json").write_text(tokenizer_config_json() + "\n", encoding="utf-8")
     replace_dir(tmp, out_dir)
     return out_dir
 
