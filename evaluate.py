@@ -13,7 +13,6 @@ Finished batches are appended to a partial file; an interrupted evaluation resum
 """
 import argparse
 import csv
-import datetime
 import hashlib
 import json
 import os
@@ -21,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
@@ -29,10 +27,10 @@ from adapters import base_model_id, load_adapter, merge_lora
 from data import add_data_args, build_eval_samples, build_prompt, encode_prompt
 from metrics import DEFINITION, METRICS, corpus_scores, versions
 from model import generate_ids, load_model, load_tokenizer
+from runtime import DTYPES, init_distributed
 
 EVAL_SETS = "roleplay_all_test,alpaca_gpt4_zh"
 METRIC_TITLES = {"bleu-4": "BLEU-4", "rouge-1": "ROUGE-1", "rouge-2": "ROUGE-2", "rouge-l": "ROUGE-l"}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
@@ -62,19 +60,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- model
-def setup_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python evaluate.py` is rank 0 of 1."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
-    return rank, world, device
-
-
 def load_for_inference(model_path: str, checkpoint, precision, device):
     """Base model (+ adapter; LoRA merged for inference) in the inference dtype -> (model, identity)."""
     dtype = DTYPES[precision or ("bf16" if device.type == "cuda" else "fp32")]
@@ -401,7 +386,7 @@ def chat(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args.timeout_minutes)
+    rank, world, device = init_distributed(args.timeout_minutes)
     try:
         if args.from_predictions:
             recompute(Path(args.from_predictions))

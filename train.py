@@ -17,7 +17,6 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -28,13 +27,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import train_lib as lib
+from runtime import DTYPES, init_distributed
 from adapters import AdapterSpec, add_adapter_args, apply_adapter, save_adapter, trainable_report
 from adapters.checkpoint import copy_weights, read_adapter
 from data import add_data_args, build_train_samples, collate_train, format_report, global_batches, rank_share
 from model import ChatGLMModel, load_model, load_tokenizer
 from model.loader import write_json
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OOM_HELP = ("out of memory. Knobs, cheapest first: a smaller --batch-size with a larger --grad-accum (same global "
             "batch), --grad-checkpointing, shorter --max-source-length / --max-target-length, --precision bf16, "
             "--dist fsdp (shards trainable weights, gradients and optimizer state)")
@@ -93,19 +92,6 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
-
-
-def init_distributed(timeout_minutes: float):
-    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain `python train.py` is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=timeout_minutes))
-    return rank, world, device
 
 
 def lowest_trainable_layer(model) -> int:

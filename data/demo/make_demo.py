@@ -165,31 +165,29 @@ def unit_items(rng):
     return out
 
 
-def opposite_items(rng):
+def lookup_items(table: dict, questions: list[str], instruction: str, answer: str) -> list[tuple]:
+    """A word -> fact table as instruction records: each question template (with {w}), then the word as
+    the input of a fixed instruction; `answer` is formatted with {w} and {v}."""
     out = []
-    for word, opp in OPPOSITES.items():
-        for q in [f"“{word}”的反义词是什么？", f"请写出“{word}”的反义词。"]:
-            out.append((q, "", f"“{word}”的反义词是“{opp}”。"))
-        out.append(("写出下面这个字的反义词。", word, f"“{word}”的反义词是“{opp}”。"))
+    for w, v in table.items():
+        for q in questions:
+            out.append((q.format(w=w), "", answer.format(w=w, v=v)))
+        out.append((instruction, w, answer.format(w=w, v=v)))
     return out
+
+
+def opposite_items(rng):
+    return lookup_items(OPPOSITES, ["“{w}”的反义词是什么？", "请写出“{w}”的反义词。"], "写出下面这个字的反义词。",
+                        "“{w}”的反义词是“{v}”。")
 
 
 def colour_items(rng):
-    out = []
-    for thing, colour in COLOURS.items():
-        for q in [f"{thing}是什么颜色的？", f"请说出{thing}的颜色。"]:
-            out.append((q, "", f"{thing}是{colour}的。"))
-        out.append(("说出下面事物的颜色。", thing, f"{thing}是{colour}的。"))
-    return out
+    return lookup_items(COLOURS, ["{w}是什么颜色的？", "请说出{w}的颜色。"], "说出下面事物的颜色。", "{w}是{v}的。")
 
 
 def english_items(rng):
-    out = []
-    for word, en in ENGLISH.items():
-        for q in [f"“{word}”用英语怎么说？", f"把“{word}”翻译成英语。"]:
-            out.append((q, "", f"“{word}”的英语是{en}。"))
-        out.append(("把下面的词翻译成英语。", word, f"“{word}”的英语是{en}。"))
-    return out
+    return lookup_items(ENGLISH, ["“{w}”用英语怎么说？", "把“{w}”翻译成英语。"], "把下面的词翻译成英语。",
+                        "“{w}”的英语是{v}。")
 
 
 def compare_items(rng):
