@@ -18,13 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import generate_ids, load_model  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from runtime import DTYPES  # noqa: E402
 
 
 def random_prompts(config, n: int, length: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    low = max(config.pad_token_id, config.gmask_token_id, config.eos_token_id, config.bos_token_id) + 1
+    low = max(config.pad_token_id, config.mask_token_id, config.gmask_token_id, config.eos_token_id,
+              config.bos_token_id) + 1
     body = torch.randint(low, config.vocab_size, (n, length - 2), generator=g)  # no special ids inside
     return [row + [config.gmask_token_id, config.bos_token_id] for row in body.tolist()]
 

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402  (the training loop's loss and helpers)
 import train_lib  # noqa: E402
+from runtime import DTYPES  # noqa: E402
 from adapters import AdapterSpec, add_adapter_args, apply_adapter  # noqa: E402
 from model import PRESETS, ChatGLMConfig, ChatGLMModel  # noqa: E402
 
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--precision", choices=sorted(train.DTYPES), default="bf16")
+    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU peak bf16 dense TFLOP/s (default: by name)")
@@ -75,8 +76,9 @@ def model_config(args) -> ChatGLMConfig:
 def random_batch(config: ChatGLMConfig, batch: int, T: int, g: torch.Generator) -> dict:
     """Prompt (T/2 - 2 random ids) [gMASK] <sop> answer (random ids) <eop>: (B, T), labels from <sop> on."""
     src = T // 2 - 2
-    special = min(config.mask_token_id, config.gmask_token_id, config.bos_token_id, config.eos_token_id)
-    ids = torch.randint(10, min(special, config.vocab_size), (batch, T), generator=g)
+    low = max(config.pad_token_id, config.mask_token_id, config.gmask_token_id, config.bos_token_id,
+              config.eos_token_id) + 1  # no special id inside, wherever the vocabulary puts them
+    ids = torch.randint(low, config.vocab_size, (batch, T), generator=g)
     ids[:, src], ids[:, src + 1], ids[:, -1] = config.gmask_token_id, config.bos_token_id, config.eos_token_id
     labels = ids.clone()
     labels[:, :src + 1] = -100
@@ -106,7 +108,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     with torch.device("meta"):
         model = ChatGLMModel(config)
-    dtype = train.DTYPES[args.precision]
+    dtype = DTYPES[args.precision]
     model = model.to(dtype).to_empty(device=device).init_weights(args.seed)
     spec = AdapterSpec.from_args(args, config.num_layers)
     apply_adapter(model, spec)
