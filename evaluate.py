@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from adapters import base_model_id, load_adapter, merge_lora
 from data import add_data_args, build_eval_samples, build_prompt, encode_prompt
+from files import read_jsonl, write_text
 from metrics import DEFINITION, METRICS, corpus_scores, versions
 from model import generate_ids, load_model, load_tokenizer
 from runtime import DTYPES, init_distributed
@@ -111,25 +112,6 @@ def length_sorted_batches(samples: list[dict], batch_size: int) -> list[list[dic
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a jsonl file; a line cut short by an interrupted write is ignored."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def evaluate_dataset(model, tokenizer, identity: dict, name: str, samples: list[dict], out_dir: Path, args,
                      rank: int, world: int) -> dict | None:
     """Generate (resuming), gather on rank 0, write predictions + metrics. Returns the metrics on rank 0."""
@@ -197,12 +179,12 @@ def generation_settings(args) -> dict:
 
 def finalize(records: list[dict], out_dir: Path, name: str, identity: dict, settings: dict, args,
              runtime_s: float) -> dict:
-    write_atomic(out_dir / "generated_predictions.jsonl",
+    write_text(out_dir / "generated_predictions.jsonl",
                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     metrics = metrics_record(records, name)
     metrics.update(generation=settings, dataset_dir=str(args.dataset_dir), max_samples=args.max_samples,
                    runtime_s=round(runtime_s, 2), **identity)
-    write_atomic(out_dir / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    write_text(out_dir / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     print(f"{name}: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS) +
           f"  ({metrics['n_samples']} samples, {metrics['n_length_capped']} hit the length cap) -> {out_dir}")
     return metrics
@@ -235,7 +217,7 @@ def recompute(predictions: Path) -> dict:
     path = predictions.parent / "metrics.json"
     old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     metrics = {**old, **metrics_record(records, old.get("dataset", predictions.parent.name))}
-    write_atomic(path, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    write_text(path, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     print(json.dumps({k: metrics[k] for k in (*METRICS, "n_samples", "n_length_capped")}))
     return metrics
 

@@ -27,12 +27,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import train_lib as lib
+from files import append_jsonl, write_json
 from runtime import DTYPES, init_distributed
 from adapters import AdapterSpec, add_adapter_args, apply_adapter, save_adapter, trainable_report
 from adapters.checkpoint import copy_weights, read_adapter
 from data import add_data_args, build_train_samples, collate_train, format_report, global_batches, rank_share
-from model import ChatGLMModel, load_model, load_tokenizer
-from model.loader import write_json
+from model import ChatGLMModel, load_config, load_model, load_tokenizer
 
 OOM_HELP = ("out of memory. Knobs, cheapest first: a smaller --batch-size with a larger --grad-accum (same global "
             "batch), --grad-checkpointing, shorter --max-source-length / --max-target-length, --precision bf16, "
@@ -158,7 +158,7 @@ def sync_gradients(wrapped, last: bool, fsdp: bool):
 def train(args, rank: int, world: int, device: torch.device):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    config = lib.model_config(args.model)
+    config = load_config(args.model)
     spec = AdapterSpec.from_args(args, config.num_layers)  # an impossible layer selection fails here
     if args.dry_run:
         with torch.device("meta"):
@@ -329,7 +329,7 @@ def train(args, rank: int, world: int, device: torch.device):
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
         bar.update(1)
         if master and (step % args.logging_steps == 0 or step == total):
-            lib.append_jsonl(log_file, {"step": step, "epoch": round(step / steps_per_epoch, 4),
+            append_jsonl(log_file, {"step": step, "epoch": round(step / steps_per_epoch, 4),
                                         "loss": round(sum(window) / len(window), 6), "lr": lr,
                                         "grad_norm": round(norm, 6), "tokens_per_s": round(tokens_per_s, 1)})
             window = []

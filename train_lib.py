@@ -11,7 +11,6 @@ Run directory (train.py --output-dir RUN):
 """
 import json
 import math
-import os
 import platform
 import random
 import re
@@ -24,8 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import PRESETS, ChatGLMConfig
-from model.loader import replace_dir
+from files import replace_dir
 
 # Arguments that do not change what a run computes: a run restarted with other values is the same run.
 VOLATILE_ARGS = {"resume", "overwrite", "dry_run", "dist_timeout", "logging_steps", "plot_loss", "save_steps",
@@ -33,17 +31,6 @@ VOLATILE_ARGS = {"resume", "overwrite", "dry_run", "dist_timeout", "logging_step
 OUR_FILES = ("run_config.json", "trainer_log.jsonl", "train_results.json", "training_loss.png", "adapter.json",
              "adapter_model.safetensors", "adapter_config.json", "checkpoints")
 KEEP_CHECKPOINTS = 2
-
-
-def model_config(model_arg: str) -> ChatGLMConfig:
-    """The config of a preset or checkpoint directory, without loading weights."""
-    if model_arg in PRESETS:
-        return ChatGLMConfig.from_name(model_arg)
-    path = Path(model_arg) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; --model takes a checkpoint directory or a preset "
-                                f"({', '.join(sorted(PRESETS))})")
-    return ChatGLMConfig.from_json(path)
 
 
 # ---------------------------------------------------------------- run directory
@@ -294,11 +281,3 @@ def plot_loss(log_file: Path, png: Path):
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
-
-
-def append_jsonl(path: Path, row: dict):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-

@@ -21,7 +21,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.loader import read_shard, write_json
+from files import write_json
+from model.loader import read_shard
 
 from . import lora
 from .dispatch import AdapterSpec, attach_adapter, trainable_state_dict

@@ -5,13 +5,14 @@ then each shard is copied in and dropped before the next is read, so a 13 GB mod
 exists twice. Writing: sharded safetensors + `model.safetensors.index.json` + `config.json`.
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from files import replace_dir, write_json
 
 from .chatglm import PRESETS, ChatGLMConfig, ChatGLMModel
 from .tokenizer import tokenizer_config_json
@@ -82,16 +83,21 @@ def load_state_dict_into(model: torch.nn.Module, files: list[Path], strict: bool
     return loaded
 
 
+def load_config(path_or_preset) -> ChatGLMConfig:
+    """The config of a preset name or a checkpoint directory, without reading any weights."""
+    if str(path_or_preset) in PRESETS:
+        return ChatGLMConfig.from_name(str(path_or_preset))
+    path = Path(path_or_preset) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; --model takes a checkpoint directory or a preset "
+                                f"({', '.join(sorted(PRESETS))})")
+    return ChatGLMConfig.from_json(path)
+
+
 def load_model(path_or_preset, dtype=torch.float32, device="cpu", seed: int = 0) -> ChatGLMModel:
     """A preset name (random weights from `seed`) or a released checkpoint directory -> model in eval mode."""
-    if str(path_or_preset) in PRESETS:
-        config, files = ChatGLMConfig.from_name(str(path_or_preset)), None
-    else:
-        path = Path(path_or_preset)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path / 'config.json'} not found; --model takes a checkpoint directory or "
-                                    f"a preset ({', '.join(sorted(PRESETS))})")
-        config, files = ChatGLMConfig.from_json(path / "config.json"), checkpoint_files(path)
+    config = load_config(path_or_preset)
+    files = None if str(path_or_preset) in PRESETS else checkpoint_files(Path(path_or_preset))
     with torch.device("meta"):
         model = ChatGLMModel(config)
     model = model.to(dtype).to_empty(device=device)  # one allocation, already in the target dtype
@@ -133,19 +139,3 @@ def save_checkpoint(state_dict: dict, config: ChatGLMConfig, out_dir, max_shard_
         (tmp / "tokenizer_config.json").write_text(tokenizer_config_json() + "\n", encoding="utf-8")
     replace_dir(tmp, out_dir)
     return out_dir
-
-
-def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
-def replace_dir(tmp: Path, out_dir: Path):
-    """Swap a finished temp directory into place; the old one is removed only after the rename."""
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)

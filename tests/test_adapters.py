@@ -12,7 +12,7 @@ from adapters import (AdapterSpec, LoRALinear, add_adapter_args, apply_adapter, 
                       load_adapter, merge_lora, parse_layers, save_adapter, trainable_report, trainable_state_dict)
 from adapters.export import main as export_main
 from model import ChatGLMConfig, ChatGLMModel, generate_ids, load_model, save_checkpoint
-from model.loader import write_json
+from files import write_json
 
 SMALL = ChatGLMConfig(vocab_size=300, hidden_size=64, num_layers=4, num_attention_heads=4, inner_hidden_size=160,
                       max_sequence_length=256, mask_token_id=250, gmask_token_id=251, bos_token_id=254,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import ChatGLMConfig, ChatGLMModel, generate, generate_ids, load_model, load_tokenizer, save_checkpoint
-from model.loader import write_json
+from files import write_json
 
 SMALL = ChatGLMConfig(vocab_size=300, hidden_size=64, num_layers=3, num_attention_heads=4, inner_hidden_size=160,
                       max_sequence_length=256, mask_token_id=250, gmask_token_id=251, bos_token_id=254,
