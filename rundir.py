@@ -149,7 +149,7 @@ class Progress:
     window: list[float] = field(default_factory=list)  # step losses since the last log line
     tokens: float = 0.0  # input tokens of every rank since t0
     samples: int = 0
-    t0: float = field(default_factory=time.time)
+    t0: float = 0.0  # time.time() when the loop starts
 
     def add(self, loss: float, tokens: float, samples: int):
         self.step += 1

@@ -9,6 +9,10 @@ same samples and the same global batches (data.global_batches depends on seed an
 world size) and takes its share. Logits are computed only where a label follows; the step's loss is
 the sum of float32 token cross-entropies over the number of label tokens of the whole global step, so
 2 ranks x 2 samples give the gradient of 1 process x 4 samples.
+
+Read top to bottom: the arguments, the samples and their order, the model and its adapter, the loss,
+distributed wrapping and the optimizer, one optimizer step (forward_backward, optimizer_step), the safety
+nets, and the loop (train). The run directory and its checkpoints are rundir.py.
 """
 import argparse
 import gc
@@ -138,7 +142,7 @@ def load_samples(args, tokenizer, world: int) -> tuple[TrainData, dict]:
     return TrainData(samples, tokenizer.pad_id, args.batch_size * world, args.grad_accum, args.seed), report
 
 
-# ---------------------------------------------------------------- the model and its adapter
+# ---------------------------------------------------------------- the model, its adapter, the loss
 
 def build_model(args, spec: AdapterSpec, resume_from: Path | None, device) -> ChatGLMModel:
     """The base in --precision with the adapter applied (trainable tensors in float32); on resume, the
@@ -153,6 +157,17 @@ def build_model(args, spec: AdapterSpec, resume_from: Path | None, device) -> Ch
         raise ValueError(f"{spec} leaves no trainable parameter")
     prepare_blocks(model, args.grad_checkpointing, args.compile)
     return model
+
+
+def prepare_blocks(model, grad_checkpointing: bool, compile: bool) -> int:
+    """--grad-checkpointing / --compile on the blocks backward runs through; -> the lowest of them."""
+    lowest = lowest_trainable_layer(model)
+    for block in model.transformer.layers[lowest:]:
+        if grad_checkpointing:
+            block.forward = checkpointed(block.forward)
+        if compile:
+            block.compile()
+    return lowest
 
 
 def lowest_trainable_layer(model) -> int:
@@ -171,17 +186,6 @@ def checkpointed(forward):
     def run(*args, **kwargs):
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return run
-
-
-def prepare_blocks(model, grad_checkpointing: bool, compile: bool) -> int:
-    """--grad-checkpointing / --compile on the blocks backward runs through; -> the lowest of them."""
-    lowest = lowest_trainable_layer(model)
-    for block in model.transformer.layers[lowest:]:
-        if grad_checkpointing:
-            block.forward = checkpointed(block.forward)
-        if compile:
-            block.compile()
-    return lowest
 
 
 class TokenCrossEntropy(torch.autograd.Function):
@@ -216,6 +220,15 @@ def token_loss_sum(model, batch: dict, device) -> torch.Tensor:
     follows = labels[:, 1:] != -100  # (B, T-1)
     logits = model(input_ids, batch["attention_mask"].to(device), logits_at=F.pad(follows, (0, 1)))  # (N, V)
     return TokenCrossEntropy.apply(logits, labels[:, 1:][follows])
+
+
+def sync_gradients(wrapped, last: bool, fsdp: bool):
+    """Gradient accumulation all-reduces only on the last micro-batch of a step."""
+    if fsdp:
+        wrapped.set_requires_gradient_sync(last)
+    elif isinstance(wrapped, DDP) and not last:
+        return wrapped.no_sync()
+    return nullcontext()
 
 
 # ---------------------------------------------------------------- distributed wrapping, optimizer, schedule
@@ -302,15 +315,6 @@ def make_setup(model, args, total: int, rank: int, world: int, device) -> Setup:
 
 # ---------------------------------------------------------------- one optimizer step
 
-def sync_gradients(wrapped, last: bool, fsdp: bool):
-    """Gradient accumulation all-reduces only on the last micro-batch of a step."""
-    if fsdp:
-        wrapped.set_requires_gradient_sync(last)
-    elif isinstance(wrapped, DDP) and not last:
-        return wrapped.no_sync()
-    return nullcontext()
-
-
 def forward_backward(s: Setup, micro: list[tuple[dict, float]]) -> tuple[float, float]:
     """The gradient of one optimizer step: every (batch, weight) of this rank, weighted loss sums
     accumulated. -> (token loss sum, input tokens) of the whole global step, all ranks together."""
@@ -395,14 +399,16 @@ def train(args, rank: int, world: int, device: torch.device):
     config = load_config(args.model)
     spec = AdapterSpec.from_args(args, config.num_layers)  # an impossible layer selection fails here
     if args.dry_run:
-        return dry_run(args, config, spec, say)
+        dry_run(args, config, spec, say)
+        return
 
     # Everything that can be wrong with the request fails here, before a weight is loaded.
     out = Path(args.output_dir)
     run_config = rundir.run_config(args, world)
     resume_from = rundir.check_output_dir(out, run_config, args.resume, args.overwrite)  # None: from scratch
     if resume_from is not None and (out / "train_results.json").is_file():
-        return say(f"{out}: this run has finished (train_results.json); nothing to resume")
+        say(f"{out}: this run has finished (train_results.json); nothing to resume")
+        return
     tokenizer = load_tokenizer(args.model)
     data, report = load_samples(args, tokenizer, world)  # every rank: all samples, the same batch plan
     say(format_report(report))
