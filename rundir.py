@@ -117,6 +117,7 @@ def clear_outputs(out: Path):
 
 
 def truncate_log(log_file: Path, last_step: int):
+    """On resume: drop the lines the interrupted run wrote after its checkpoint (and one a kill cut short)."""
     if log_file.is_file():
         rows = [r for r in read_jsonl(log_file) if r["step"] <= last_step]
         write_text(log_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
