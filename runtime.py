@@ -1,7 +1,11 @@
-"""What train.py, evaluate.py and the benchmarks share: precision names and the torchrun set-up."""
+"""What train.py, evaluate.py and the benchmarks share about the process they run in: precision names,
+the torchrun set-up, collectives on Python objects, the RNG state, peak memory."""
 import os
+import random
+import sys
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -21,3 +25,43 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(minutes=timeout_minutes))
     return rank, world, device
+
+
+def all_gather(obj, world: int) -> list:
+    """Every rank's `obj`, in rank order, on every rank (a collective when world > 1)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every generator a training step draws from (dropout, Python and NumPy shuffles): saved per rank."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the most memory allocated; CPU: the resident-set high-water mark of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

@@ -9,6 +9,10 @@ same samples and the same global batches (data.global_batches depends on seed an
 world size) and takes its share. Logits are computed only where a label follows; the step's loss is
 the sum of float32 token cross-entropies over the number of label tokens of the whole global step, so
 2 ranks x 2 samples give the gradient of 1 process x 4 samples.
+
+Read top to bottom: the arguments, the samples and their order, the model and its adapter, the loss,
+distributed wrapping and the optimizer, one optimizer step (forward_backward, optimizer_step), the safety
+nets, and the loop (train). The run directory and its checkpoints are rundir.py.
 """
 import argparse
 import gc
@@ -17,6 +21,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,12 +31,12 @@ import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import train_lib as lib
+import rundir
 from files import append_jsonl, write_json
-from runtime import DTYPES, init_distributed
-from adapters import AdapterSpec, add_adapter_args, apply_adapter, save_adapter, trainable_report
-from adapters.checkpoint import copy_weights, read_adapter
-from data import add_data_args, build_train_samples, collate_train, format_report, global_batches, rank_share
+from runtime import DTYPES, all_gather, init_distributed, peak_memory_bytes
+from adapters import AdapterSpec, add_adapter_args, apply_adapter, trainable_report
+from data import (IGNORE, add_data_args, build_train_samples, collate_train, format_report, global_batches,
+                  rank_share)
 from model import ChatGLMModel, load_config, load_model, load_tokenizer
 
 OOM_HELP = ("out of memory. Knobs, cheapest first: a smaller --batch-size with a larger --grad-accum (same global "
@@ -92,6 +97,77 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
+
+
+# ---------------------------------------------------------------- the samples and their order
+
+class TrainData:
+    """Every rank holds all samples and plans the same global batches (data.global_batches depends on seed
+    and epoch only, not on the world size); each takes its share of every micro-batch."""
+
+    def __init__(self, samples: list[dict], pad_id: int, global_batch: int, grad_accum: int, seed: int):
+        self.samples, self.pad_id, self.global_batch, self.grad_accum, self.seed = \
+            samples, pad_id, global_batch, grad_accum, seed
+        self.targets = [sum(t != IGNORE for t in s["labels"][1:]) for s in samples]  # label tokens per sample
+        self.lengths = [len(s["input_ids"]) for s in samples]
+        self.steps_per_epoch = math.ceil(math.ceil(len(samples) / global_batch) / grad_accum)
+        self.planned = (-1, [])  # (epoch, its global batches): planned once per epoch
+
+    def step_batches(self, step: int, rank: int, world: int) -> tuple[list[tuple[dict, float]], int, int]:
+        """This rank's micro-batches of optimizer step `step`, each with the weight of its loss sum;
+        -> (them, label tokens of the whole global step, samples of the whole global step)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if self.planned[0] != epoch:
+            self.planned = (epoch, global_batches(self.lengths, self.global_batch, self.seed, epoch))
+        micro = self.planned[1][k * self.grad_accum:(k + 1) * self.grad_accum]
+        n_targets = max(1, sum(self.targets[i] for b in micro for i in b))
+        batches = []
+        for global_ids in micro:
+            ids = rank_share(global_ids, rank, world)
+            weight = world / n_targets  # DDP and FSDP2 average gradients over ranks; x world undoes it
+            if not ids:  # fewer samples than ranks: a zero-weight pass keeps the collectives in step
+                ids, weight = global_ids[:1], 0.0
+            batches.append((collate_train([self.samples[i] for i in ids], self.pad_id), weight))
+        return batches, n_targets, sum(len(b) for b in micro)
+
+
+def load_samples(args, tokenizer, world: int) -> tuple[TrainData, dict]:
+    """The --dataset records encoded for training; -> the samples and the data report."""
+    samples, report = build_train_samples(
+        tokenizer, args.dataset.split(","), args.dataset_dir, max_samples=args.max_samples, seed=args.seed,
+        max_source_length=args.max_source_length, max_target_length=args.max_target_length,
+        source_prefix=args.source_prefix, expand_history=args.expand_history, skip_bad_records=args.skip_bad_records)
+    if not samples:
+        raise ValueError(f"--dataset {args.dataset} in {args.dataset_dir} gave no training samples")
+    return TrainData(samples, tokenizer.pad_id, args.batch_size * world, args.grad_accum, args.seed), report
+
+
+# ---------------------------------------------------------------- the model, its adapter, the loss
+
+def build_model(args, spec: AdapterSpec, resume_from: Path | None, device) -> ChatGLMModel:
+    """The base in --precision with the adapter applied (trainable tensors in float32); on resume, the
+    checkpoint's trainable weights. Only the method's tensors require grad."""
+    torch.manual_seed(args.seed)  # the adapter's random init is the same on every rank
+    model = load_model(args.model, dtype=DTYPES[args.precision], device=device)
+    apply_adapter(model, spec)
+    if resume_from is not None:
+        rundir.load_trainable(model, resume_from)
+    model.train()
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"{spec} leaves no trainable parameter")
+    prepare_blocks(model, args.grad_checkpointing, args.compile)
+    return model
+
+
+def prepare_blocks(model, grad_checkpointing: bool, compile: bool) -> int:
+    """--grad-checkpointing / --compile on the blocks backward runs through; -> the lowest of them."""
+    lowest = lowest_trainable_layer(model)
+    for block in model.transformer.layers[lowest:]:
+        if grad_checkpointing:
+            block.forward = checkpointed(block.forward)
+        if compile:
+            block.compile()
+    return lowest
 
 
 def lowest_trainable_layer(model) -> int:
@@ -155,201 +231,265 @@ def sync_gradients(wrapped, last: bool, fsdp: bool):
     return nullcontext()
 
 
-def train(args, rank: int, world: int, device: torch.device):
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    config = load_config(args.model)
-    spec = AdapterSpec.from_args(args, config.num_layers)  # an impossible layer selection fails here
-    if args.dry_run:
-        with torch.device("meta"):
-            model = ChatGLMModel(config)
-        apply_adapter(model, spec)
-        say(f"{args.model}: {config.num_layers} layers, hidden {config.hidden_size}; {spec}")
-        say(trainable_report(model))
-        return
+# ---------------------------------------------------------------- distributed wrapping, optimizer, schedule
 
-    # Everything that can be wrong with the request fails here, before a weight is loaded.
-    out = Path(args.output_dir)
-    run_config = lib.run_config(args, world)
-    resume_from = lib.check_output_dir(out, run_config, args.resume, args.overwrite)
-    if resume_from is not None and (out / "train_results.json").is_file():
-        say(f"{out}: this run has finished (train_results.json); nothing to resume")
-        return
-    tokenizer = load_tokenizer(args.model)
-    samples, report = build_train_samples(
-        tokenizer, args.dataset.split(","), args.dataset_dir, max_samples=args.max_samples, seed=args.seed,
-        max_source_length=args.max_source_length, max_target_length=args.max_target_length,
-        source_prefix=args.source_prefix, expand_history=args.expand_history, skip_bad_records=args.skip_bad_records)
-    if not samples:
-        raise ValueError(f"--dataset {args.dataset} in {args.dataset_dir} gave no training samples")
-    say(format_report(report))
-    targets = [sum(t != -100 for t in s["labels"][1:]) for s in samples]  # label tokens per sample
-    lengths = [len(s["input_ids"]) for s in samples]
-    global_batch = args.batch_size * world
-    steps_per_epoch = math.ceil(math.ceil(len(samples) / global_batch) / args.grad_accum)
-    total = args.max_steps or args.epochs * steps_per_epoch
+def shard_fsdp2(model, precision: str):
+    """FSDP2 units: each block, and the root (embeddings, final norm, lm_head).
 
-    torch.manual_seed(args.seed)  # the adapter's random init is the same on every rank
-    model = load_model(args.model, dtype=DTYPES[args.precision], device=device)
-    apply_adapter(model, spec)
-    if resume_from is not None:  # into float32 trainable tensors (adapters.load_adapter keeps the base dtype)
-        copy_weights(model, read_adapter(resume_from, model.config)[1])
-    model.train()
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if n_trainable == 0:
-        raise ValueError(f"{spec} leaves no trainable parameter")
-    for block in model.transformer.layers[lowest_trainable_layer(model):]:
-        if args.grad_checkpointing:
-            block.forward = checkpointed(block.forward)
-        if args.compile:
-            block.compile()
+    FSDP2 all-gathers a unit as one flat buffer of one dtype, but a block with an adapter mixes float32
+    trainable tensors (the master weights) with the bf16 frozen base. There, every module that directly
+    owns trainable tensors (LoRA's A and B, a Freeze-trained Linear) becomes its own unit first, so the
+    block's unit keeps only the frozen bf16 rest. The prefix encoder is a unit of its own as well.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision] if precision != "fp32" else None,
+                                  reduce_dtype=torch.float32)
+    for block in model.transformer.layers:
+        if len({p.dtype for p in block.parameters()}) > 1:
+            for name, module in block.named_modules():
+                own = list(module.parameters(recurse=False))
+                if module is block or not any(p.requires_grad for p in own):
+                    continue
+                if len({p.dtype for p in own}) > 1:
+                    raise ValueError(f"FSDP2 cannot shard {name}: its own parameters mix dtypes "
+                                     f"{sorted(str(p.dtype) for p in own)}; use --dist ddp or --precision fp32")
+                fully_shard(module, mp_policy=policy)
+        fully_shard(block, mp_policy=policy)
+    if model.transformer.prefix_encoder is not None:
+        fully_shard(model.transformer.prefix_encoder, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the peak lr after `step` optimizer steps: linear warmup, then cosine/linear decay to 0."""
+    def f(step):
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+    return f
+
+
+@dataclass
+class Setup:
+    """What a training step works with, built once by make_setup."""
+    model: ChatGLMModel  # parameter names, saving
+    wrapped: torch.nn.Module  # what runs forward: the model (one process, FSDP2 shards it in place) or DDP(model)
+    fsdp: bool
+    names: list[str]  # the trainable parameters (after sharding: DTensors)
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler  # fp16 only
+    autocast: torch.autocast
+    device: torch.device
+    rank: int
+    world: int
+
+
+def make_setup(model, args, total: int, rank: int, world: int, device) -> Setup:
+    """DDP or FSDP2 with several processes, then AdamW over the trainable tensors (fused on CUDA; weight
+    decay on matrices only; betas 0.9, 0.999, eps 1e-8), the --scheduler over `total` steps, fp16 loss scaling."""
     fsdp = world > 1 and args.dist == "fsdp"
+    wrapped = model
     if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-        half = DTYPES[args.precision] if args.precision != "fp32" else None
-        lib.shard_fsdp2(model, MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32))
-        wrapped = model
+        shard_fsdp2(model, args.precision)
     elif world > 1:
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        wrapped = model
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # after sharding: DTensors
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lib.lr_lambda(args.scheduler, args.warmup_steps, total))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    autocast = torch.autocast(device.type, dtype=DTYPES[args.precision], enabled=args.precision != "fp32")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.scheduler, args.warmup_steps, total))
+    return Setup(model, wrapped, fsdp, [n for n, _ in named], params, optimizer, scheduler,
+                 scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"),
+                 autocast=torch.autocast(device.type, dtype=DTYPES[args.precision], enabled=args.precision != "fp32"),
+                 device=device, rank=rank, world=world)
 
-    step, loss_total, window = 0, 0.0, []
-    log_file = out / "trainer_log.jsonl"
+
+# ---------------------------------------------------------------- one optimizer step
+
+def forward_backward(s: Setup, micro: list[tuple[dict, float]]) -> tuple[float, float]:
+    """The gradient of one optimizer step: every (batch, weight) of this rank, weighted loss sums
+    accumulated. -> (token loss sum, input tokens) of the whole global step, all ranks together."""
+    s.optimizer.zero_grad(set_to_none=True)
+    local = torch.zeros(2, device=s.device)  # loss sum, input tokens
+    for j, (batch, weight) in enumerate(micro):
+        with sync_gradients(s.wrapped, j == len(micro) - 1, s.fsdp):
+            with s.autocast:
+                loss_sum = token_loss_sum(s.wrapped, batch, s.device)
+            s.scaler.scale(loss_sum * weight).backward()
+        if weight:
+            local += torch.stack([loss_sum.detach(), batch["attention_mask"].sum().to(s.device, torch.float32)])
+    if s.world > 1:
+        dist.all_reduce(local)
+    return local[0].item(), local[1].item()
+
+
+def optimizer_step(s: Setup, max_grad_norm: float) -> float:
+    """Unscale (fp16), clip the global gradient norm (0: no clipping), AdamW, the schedule; -> the norm
+    before clipping. The gradients stay until the next forward_backward (the untrained-tensor check reads them)."""
+    s.scaler.unscale_(s.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(s.params, max_grad_norm or math.inf)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.scheduler.step()
+    return norm
+
+
+# ---------------------------------------------------------------- safety nets
+
+class UntrainedError(RuntimeError):
+    pass
+
+
+def check_loss(loss: float, step: int, lr: float):
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step} (lr {lr:.3g}); lower --lr or --warmup-steps up, "
+                                 "use --precision bf16 rather than fp16, or look for broken samples")
+
+
+def grad_sums(params: list, fsdp: bool, device) -> torch.Tensor:
+    """Sum of |grad| per parameter (-1 where it has none), the same on every rank."""
+    sums = torch.stack([torch.tensor(-1.0, device=device) if p.grad is None else
+                        (p.grad.to_local() if fsdp else p.grad).detach().float().abs().sum() for p in params])
+    if fsdp:  # each rank holds a shard of every gradient; a missing one is missing on every rank
+        missing = sums < 0
+        dist.all_reduce(sums)
+        sums = torch.where(missing, -1.0, sums)
+    return sums.cpu()
+
+
+def untrained_tensors(names: list[str], sums_by_step: list[torch.Tensor], zero_ok: bool = False) -> list[str]:
+    """Trainable tensors whose gradient was missing (or all zero) at every checked step.
+
+    Why two steps: LoRA's B starts at zero, so at step 1 the gradient of A (which flows through B)
+    is exactly zero by construction; after one optimizer step B is nonzero and so is A's gradient.
+    A tensor still without gradient at step 2 is the classic silently untrained adapter: a hook, a
+    detach, a module the forward never calls. With a single step only missing gradients count.
+    """
+    sums = torch.stack(sums_by_step)  # (steps, tensors)
+    trained = (sums >= 0 if zero_ok else sums > 0).any(dim=0)
+    return [n for n, ok in zip(names, trained.tolist()) if not ok]
+
+
+def check_trained(s: Setup, sums_by_step: list[torch.Tensor], total: int):
+    """Called after steps 1 and 2 with their gradients still in place: stops a run whose adapter does not train."""
+    sums_by_step.append(grad_sums(s.params, s.fsdp, s.device))
+    if len(sums_by_step) == min(2, total):
+        bad = untrained_tensors(s.names, sums_by_step, zero_ok=total == 1)
+        if bad:
+            raise UntrainedError(
+                f"{len(bad)} trainable tensor(s) got no gradient in the first {len(sums_by_step)} steps: "
+                f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}. The adapter is not on the "
+                "loss's path (a detach, a hook, a module the forward never calls)")
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(args, rank: int, world: int, device: torch.device):
+    say = print if rank == 0 else (lambda *a, **k: None)
+    config = load_config(args.model)
+    spec = AdapterSpec.from_args(args, config.num_layers)  # an impossible layer selection fails here
+    if args.dry_run:
+        dry_run(args, config, spec, say)
+        return
+
+    # Everything that can be wrong with the request fails here, before a weight is loaded.
+    out = Path(args.output_dir)
+    run_config = rundir.run_config(args, world)
+    resume_from = rundir.check_output_dir(out, run_config, args.resume, args.overwrite)  # None: from scratch
+    if resume_from is not None and (out / "train_results.json").is_file():
+        say(f"{out}: this run has finished (train_results.json); nothing to resume")
+        return
+    tokenizer = load_tokenizer(args.model)
+    data, report = load_samples(args, tokenizer, world)  # every rank: all samples, the same batch plan
+    say(format_report(report))
+    total = args.max_steps or args.epochs * data.steps_per_epoch
+
+    model = build_model(args, spec, resume_from, device)  # base + adapter (+ the checkpoint's weights)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    s = make_setup(model, args, total, rank, world, device)  # DDP / FSDP2, AdamW, schedule, loss scaling
     if resume_from is not None:
-        state = torch.load(resume_from / "trainer_state.pt", weights_only=False)  # our own file: RNG tuples
-        step, loss_total, window = state["step"], state["loss_total"], state["window"]
-        lib.load_optimizer_state(model, optimizer, resume_from / "optimizer.pt", fsdp, master)
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        lib.set_rng_state(state["rng"][rank], device)
+        progress = rundir.resume(resume_from, s)  # optimizer, schedule, scaler, RNG, step and losses
     else:
+        progress = rundir.Progress()
         torch.manual_seed(args.seed + rank)  # dropout masks differ between ranks
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            lib.clear_outputs(out)
-        lib.truncate_log(log_file, step)
-        write_json(out / "run_config.json", {**run_config, "trainable_params": n_trainable})
+    if rank == 0:
+        rundir.start_run(out, {**run_config, "trainable_params": n_trainable},
+                         progress.step if resume_from is not None else None)
         say(trainable_report(model))
-        say(f"{len(samples)} samples, {steps_per_epoch} steps per epoch, {total} steps, global batch "
-            f"{global_batch * args.grad_accum}, {world} x {device.type}, {args.precision}"
-            + (f", resuming at step {step} from {resume_from}" if resume_from else ""))
+        say(f"{len(data.samples)} samples, {data.steps_per_epoch} steps per epoch, {total} steps, global batch "
+            f"{data.global_batch * args.grad_accum}, {world} x {device.type}, {args.precision}"
+            + (f", resuming at step {progress.step} from {resume_from}" if resume_from else ""))
     if world > 1:
         dist.barrier()
 
-    def save_trainable(dest):
-        """The adapter into `dest` (rank 0). Under FSDP2 a collective: the full trainable tensors are
-        gathered and rank 0 saves them through a meta-device copy of the model that holds them."""
-        if not fsdp:
-            if master:
-                save_adapter(model, spec, dest)
-            return
-        full = lib.full_trainable_state(model)
-        if master:
-            with torch.device("meta"):
-                shadow = ChatGLMModel(config)
-            apply_adapter(shadow, spec)
-            shadow.load_state_dict(full, strict=False, assign=True)
-            save_adapter(shadow, spec, dest)
-
-    def checkpoint(step):
-        optim_state = lib.optimizer_state(model, optimizer, fsdp)
-        rngs = lib.all_gather(lib.rng_state(device), world)
-        if master:
-            state = {"step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
-                     "loss_total": loss_total, "window": window, "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rngs, "world_size": world}
-            lib.write_checkpoint(out, step, save_trainable, optim_state, state)
-        else:
-            save_trainable(None)
-        if world > 1:
-            dist.barrier()
-
-    grad_sums, batches, batches_epoch = [], None, -1
-    t0, tokens_seen, samples_seen = time.time(), 0.0, 0
-    bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True, desc=spec.method)
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch != batches_epoch:
-            batches, batches_epoch = global_batches(lengths, global_batch, args.seed, epoch), epoch
-        micro = batches[k * args.grad_accum:(k + 1) * args.grad_accum]
-        n_targets = max(1, sum(targets[i] for b in micro for i in b))  # of the whole global step
-        local = torch.zeros(2, device=device)  # loss sum, input tokens
-        for j, global_ids in enumerate(micro):
-            ids = rank_share(global_ids, rank, world)
-            weight = world / n_targets  # DDP and FSDP2 average gradients over ranks; x world undoes it
-            if not ids:  # fewer samples than ranks: a zero-weight pass keeps the collectives in step
-                ids, weight = global_ids[:1], 0.0
-            batch = collate_train([samples[i] for i in ids], tokenizer.pad_id)
-            with sync_gradients(wrapped, j == len(micro) - 1, fsdp):
-                with autocast:
-                    loss_sum = token_loss_sum(wrapped, batch, device)
-                scaler.scale(loss_sum * weight).backward()
-            if weight:
-                local += torch.stack([loss_sum.detach(), batch["attention_mask"].sum().to(device, torch.float32)])
-        if world > 1:
-            dist.all_reduce(local)
-        loss, lr = local[0].item() / n_targets, scheduler.get_last_lr()[0]
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step + 1} (lr {lr:.3g}); lower --lr or --warmup-steps"
-                                     f" up, use --precision bf16 rather than fp16, or look for broken samples")
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if step < 2:  # the untrained-tensor check (see train_lib.untrained_tensors for why two steps)
-            grad_sums.append(lib.grad_sums(params, fsdp, device))
-            if len(grad_sums) == min(2, total):
-                bad = lib.untrained_tensors([n for n, _ in named], grad_sums, zero_ok=total == 1)
-                if bad:
-                    raise lib.UntrainedError(
-                        f"{len(bad)} trainable tensor(s) got no gradient in the first {len(grad_sums)} steps: "
-                        f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}. The adapter is not on the "
-                        "loss's path (a detach, a hook, a module the forward never calls)")
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss_total += loss
-        window.append(loss)
-        tokens_seen += local[1].item()
-        samples_seen += sum(len(b) for b in micro)
-        tokens_per_s = tokens_seen / (time.time() - t0)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+    grad_sums_by_step = []  # for the untrained-tensor check after steps 1 and 2
+    bar = tqdm(total=total, initial=progress.step, disable=rank != 0, dynamic_ncols=True, desc=spec.method)
+    progress.t0 = time.time()  # throughput counts the loop only
+    while progress.step < total:
+        micro, n_targets, n_samples = data.step_batches(progress.step, rank, world)  # this rank's share
+        loss_sum, tokens = forward_backward(s, micro)  # accumulated gradients; sums over all ranks
+        loss, lr = loss_sum / n_targets, s.scheduler.get_last_lr()[0]  # mean token loss, lr of this step
+        check_loss(loss, progress.step + 1, lr)
+        norm = optimizer_step(s, args.max_grad_norm)  # unscale, clip, AdamW, schedule
+        if progress.step < 2:
+            check_trained(s, grad_sums_by_step, total)
+        progress.add(loss, tokens, n_samples)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{progress.tokens_per_s():.0f}", refresh=False)
         bar.update(1)
-        if master and (step % args.logging_steps == 0 or step == total):
-            append_jsonl(log_file, {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                                        "loss": round(sum(window) / len(window), 6), "lr": lr,
-                                        "grad_norm": round(norm, 6), "tokens_per_s": round(tokens_per_s, 1)})
-            window = []
-        if (args.save_steps and step % args.save_steps == 0) or step == total:
-            checkpoint(step)
+        if rank == 0 and (progress.step % args.logging_steps == 0 or progress.step == total):
+            log_step(out, progress, lr, norm, data.steps_per_epoch)
+        if (args.save_steps and progress.step % args.save_steps == 0) or progress.step == total:
+            rundir.save_checkpoint(out, s, spec, progress, data.steps_per_epoch)  # a collective
     bar.close()
+    finish(args, out, s, spec, progress, data.steps_per_epoch, n_trainable)
 
-    runtime = time.time() - t0
-    save_trainable(out)  # the final adapter, beside the logs (save_adapter leaves other files alone)
-    peak = max(lib.all_gather(lib.peak_memory_bytes(device), world))
-    if master:
-        results = {"train_loss": loss_total / max(step, 1), "steps": step, "epochs": round(step / steps_per_epoch, 4),
-                   "runtime_s": round(runtime, 2), "samples_per_s": round(samples_seen / runtime, 3),
-                   "tokens_per_s": round(tokens_seen / runtime, 1), "peak_memory_bytes": peak,
-                   "trainable_params": n_trainable, "world_size": world, "precision": args.precision}
-        write_json(out / "train_results.json", results)
-        if args.plot_loss:
-            lib.plot_loss(log_file, out / "training_loss.png")
-        say(f"train_loss {results['train_loss']:.4f} | {results['tokens_per_s']:.0f} tokens/s | peak memory "
-            f"{peak / 2**30:.2f} GiB | {out}")
+
+def dry_run(args, config, spec: AdapterSpec, say):
+    """The adapter on a meta-device model: the trainable parameter count at any size, without memory."""
+    with torch.device("meta"):
+        model = ChatGLMModel(config)
+    apply_adapter(model, spec)
+    say(f"{args.model}: {config.num_layers} layers, hidden {config.hidden_size}; {spec}")
+    say(trainable_report(model))
+
+
+def log_step(out: Path, progress: rundir.Progress, lr: float, norm: float, steps_per_epoch: int):
+    """Rank 0: a trainer_log.jsonl line with the mean loss of the steps since the last one."""
+    append_jsonl(out / rundir.LOG, {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
+                                    "loss": round(sum(progress.window) / len(progress.window), 6), "lr": lr,
+                                    "grad_norm": round(norm, 6), "tokens_per_s": round(progress.tokens_per_s(), 1)})
+    progress.window = []
+
+
+def finish(args, out: Path, s: Setup, spec: AdapterSpec, progress: rundir.Progress, steps_per_epoch: int,
+           n_trainable: int):
+    """The final adapter beside the logs (save_adapter leaves other files alone), train_results.json, the plot."""
+    runtime = time.time() - progress.t0
+    rundir.save_trainable(s.model, spec, s.fsdp, s.rank == 0, out)  # under FSDP2 a collective
+    peak = max(all_gather(peak_memory_bytes(s.device), s.world))
+    if s.rank != 0:
+        return
+    step = progress.step
+    results = {"train_loss": progress.loss_total / max(step, 1), "steps": step,
+               "epochs": round(step / steps_per_epoch, 4), "runtime_s": round(runtime, 2),
+               "samples_per_s": round(progress.samples / runtime, 3),
+               "tokens_per_s": round(progress.tokens / runtime, 1), "peak_memory_bytes": peak,
+               "trainable_params": n_trainable, "world_size": s.world, "precision": args.precision}
+    write_json(out / "train_results.json", results)
+    if args.plot_loss:
+        rundir.plot_loss(out / rundir.LOG, out / "training_loss.png")
+    print(f"train_loss {results['train_loss']:.4f} | {results['tokens_per_s']:.0f} tokens/s | peak memory "
+          f"{peak / 2**30:.2f} GiB | {out}")
 
 
 def main(argv=None):
@@ -379,7 +519,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FloatingPointError, MemoryError, TimeoutError, lib.UntrainedError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, MemoryError, TimeoutError, UntrainedError) as e:
         rank = os.environ.get("RANK")
         print(f"train.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,6 +1,6 @@
 """Merge an adapter into its base model and write the result as a released-layout checkpoint.
 
-    python -m adapters --model BASE --checkpoint ADAPTER_DIR --output OUT_DIR [--dtype bfloat16]
+    python -m adapters --model BASE --checkpoint ADAPTER_DIR --output OUT_DIR [--dtype bf16]
 
 LoRA updates are folded into the weights (W += scaling * B @ A); Freeze / full weights replace the
 base's. The output loads with `model.load_model(OUT_DIR)`. P-Tuning v2 cannot be merged: its
@@ -15,12 +15,11 @@ from safetensors import safe_open
 from model import PRESETS, ChatGLMConfig, load_model, save_checkpoint
 from model.loader import checkpoint_files, read_shard
 from model.tokenizer import DEMO_TOKENIZER
+from runtime import DTYPES
 
 from .checkpoint import copy_weights, read_adapter
 from .dispatch import attach_adapter
 from .lora import merge_lora
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def stored_dtype(base: str) -> torch.dtype:

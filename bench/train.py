@@ -1,4 +1,5 @@
-"""Training-step benchmark: random weights, random token batches, the training loop's own loss and optimizer.
+"""Training-step benchmark: random weights, random token batches, train.py's own step (forward_backward and
+optimizer_step with its default optimisation settings).
 
     python bench/train.py --hidden 1024 --num-layers 4 --method lora --target qkv --layers 3 \\
         --batch-size 8 --seq-len 256 --precision fp32            # CPU: a small model with the released vocabulary
@@ -31,10 +32,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train  # noqa: E402  (the training loop's loss and helpers)
-import train_lib  # noqa: E402
-from runtime import DTYPES  # noqa: E402
+import train  # noqa: E402  (the training loop's step and set-up)
+from runtime import DTYPES, peak_memory_bytes  # noqa: E402
 from adapters import AdapterSpec, add_adapter_args, apply_adapter  # noqa: E402
+from data import IGNORE  # noqa: E402
 from model import PRESETS, ChatGLMConfig, ChatGLMModel  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -81,7 +82,7 @@ def random_batch(config: ChatGLMConfig, batch: int, T: int, g: torch.Generator) 
     ids = torch.randint(low, config.vocab_size, (batch, T), generator=g)
     ids[:, src], ids[:, src + 1], ids[:, -1] = config.gmask_token_id, config.bos_token_id, config.eos_token_id
     labels = ids.clone()
-    labels[:, :src + 1] = -100
+    labels[:, :src + 1] = IGNORE
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
@@ -101,6 +102,12 @@ def step_flops(model, config: ChatGLMConfig, batch: int, T: int, lowest: int) ->
     return float(forward + backward)
 
 
+def step(s, micro, max_grad_norm: float):
+    """One optimizer step of train.py's loop."""
+    train.forward_backward(s, micro)
+    train.optimizer_step(s, max_grad_norm)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -113,36 +120,22 @@ def main(argv=None):
     spec = AdapterSpec.from_args(args, config.num_layers)
     apply_adapter(model, spec)
     model.train()
-    lowest = train.lowest_trainable_layer(model)
-    for block in model.transformer.layers[lowest:]:
-        if args.grad_checkpointing:
-            block.forward = train.checkpointed(block.forward)
-        if args.compile:
-            block.compile()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32")
-    g = torch.Generator().manual_seed(args.seed)
-    batch = random_batch(config, args.batch_size, args.seq_len, g)
-
-    def step():
-        with autocast:
-            loss = train.token_loss_sum(model, batch, device)
-        n = (batch["labels"][:, 1:] != -100).sum()
-        (loss / n).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    lowest = train.prepare_blocks(model, args.grad_checkpointing, args.compile)
+    # train.py's optimisation settings at their defaults (the study's: AdamW, cosine, clipping at 1.0)
+    targs = train.parse_args(["--model", args.model or "custom", "--precision", args.precision])
+    s = train.make_setup(model, targs, args.warmup + args.steps, rank=0, world=1, device=device)
+    batch = random_batch(config, args.batch_size, args.seq_len, torch.Generator().manual_seed(args.seed))
+    micro = [(batch, 1 / (batch["labels"][:, 1:] != IGNORE).sum().item())]  # the loss: mean over label tokens
 
     for _ in range(args.warmup):
-        step()
+        step(s, micro, targs.max_grad_norm)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        step()
+        step(s, micro, targs.max_grad_norm)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -159,7 +152,7 @@ def main(argv=None):
           f"{', grad checkpointing' if args.grad_checkpointing else ''}{', compiled' if args.compile else ''}")
     print(f"step time: {mean * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, {args.steps} steps after {args.warmup} warmup)")
     print(f"tokens/s: {tokens / mean:.0f}")
-    print(f"peak memory: {train_lib.peak_memory_bytes(device) / 2**30:.2f} GiB "
+    print(f"peak memory: {peak_memory_bytes(device) / 2**30:.2f} GiB "
           f"({'CUDA max allocated' if device.type == 'cuda' else 'process max RSS, VmHWM'})")
     print(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP -> {flops / mean / 1e9:.1f} GFLOP/s")
     if device.type == "cuda":

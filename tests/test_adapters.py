@@ -434,7 +434,7 @@ def test_export_cli_and_ptuning_refusal(tmp_path):
     model = adapted("lora-mlp")
     save_adapter(model, SPECS["lora-mlp"], tmp_path / "lora")
     export_main(["--model", str(base), "--checkpoint", str(tmp_path / "lora"), "--output", str(tmp_path / "out"),
-                 "--dtype", "bfloat16"])
+                 "--dtype", "bf16"])
     merged = load_model(tmp_path / "out")
     assert (merged(batch()) - model(batch())).abs().max() < 0.1  # bf16 weights
     save_adapter(adapted("ptuning"), SPECS["ptuning"], tmp_path / "pt")

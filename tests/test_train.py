@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-import train_lib
+import rundir
 from adapters import AdapterSpec, apply_adapter
 from data import DEMO_DIR, build_train_samples, collate_train
 from model import load_model, load_tokenizer
@@ -143,11 +143,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     cmd = [sys.executable, "train.py", *SMALL, *map(str, common), "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while train_lib.latest_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
+    while rundir.latest_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = int(train_lib.latest_checkpoint(out).name.split("-")[1])
+    killed_at = int(rundir.latest_checkpoint(out).name.split("-")[1])
     assert killed_at < 40 and not (out / "train_results.json").exists(), "the run finished before the kill"
 
     run_train(*common, "--output-dir", out, "--resume")
@@ -176,10 +176,10 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path):
         good(d)
         raise KeyboardInterrupt  # a kill in the middle of writing step-2
 
-    train_lib.write_checkpoint(tmp_path, 1, good, {}, {"step": 1})
+    rundir.write_checkpoint(tmp_path, 1, good, {}, {"step": 1})
     with pytest.raises(KeyboardInterrupt):
-        train_lib.write_checkpoint(tmp_path, 2, dies, {}, {"step": 2})
-    assert train_lib.latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-1"
+        rundir.write_checkpoint(tmp_path, 2, dies, {}, {"step": 2})
+    assert rundir.latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-1"
     assert torch.load(tmp_path / "checkpoints" / "step-1" / "trainer_state.pt")["step"] == 1
 
 
@@ -192,7 +192,7 @@ def test_a_lora_b_without_gradient_stops_the_run(tmp_path, monkeypatch):
         model.transformer.layers[4].attention.query_key_value.lora_B.weight.register_hook(torch.zeros_like)
         return model
     monkeypatch.setattr(train, "apply_adapter", apply_and_break)
-    with pytest.raises(train_lib.UntrainedError, match="2 trainable tensor") as err:
+    with pytest.raises(train.UntrainedError, match="2 trainable tensor") as err:
         run_train("--method", "lora", "--layers", "3", "--lr", 1e-2, "--max-steps", 5, "--batch-size", 2,
                   "--output-dir", tmp_path / "run")
     assert "layers.4.attention.query_key_value.lora_A.weight" in str(err.value)
