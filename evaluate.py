@@ -100,7 +100,7 @@ class GenerationSettings:
     max_length: int  # prompt + answer tokens at most
     seed: int  # sample i draws from a generator seeded by sample_seed(seed, i)
     max_source_length: int  # prompt tokens at most (data.encode_prompt)
-    source_prefix: str | None
+    source_prefix: str  # text put in front of every prompt
     batch_size: int  # prompts per batch per process
 
     @classmethod
