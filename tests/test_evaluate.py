@@ -99,8 +99,9 @@ def test_table_follows_the_metric_list(tmp_path, monkeypatch, capsys):
         "**5.00** | **6.00** | **7.00** | **8.00** | **40.00** |",
         "| 1 | lora | qkv | 3 | no | **2.00** | 1.00 | **3.00** | **5.00** | 45.00 | - | - | - | - | - |"]
     csv_rows = (tmp_path / "results.csv").read_text(encoding="utf-8").splitlines()
-    assert csv_rows[0].endswith(",roleplay_all_test/rouge-l,roleplay_all_test/chrf,alpaca_gpt4_zh/bleu-4,alpaca_gpt4_zh/"
-                                "rouge-1,alpaca_gpt4_zh/rouge-2,alpaca_gpt4_zh/rouge-l,alpaca_gpt4_zh/chrf")
+    assert csv_rows[0].endswith(",roleplay_all_test/rouge-l,roleplay_all_test/chrf,alpaca_gpt4_zh/bleu-4,"
+                                "alpaca_gpt4_zh/rouge-1,alpaca_gpt4_zh/rouge-2,alpaca_gpt4_zh/rouge-l,"
+                                "alpaca_gpt4_zh/chrf")
     assert csv_rows[2] == "1,1-lora,lora,qkv,3,False,2,1,3,5,45,,,,,"
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
