@@ -13,7 +13,9 @@ from rouge_chinese import Rouge
 
 jieba.setLogLevel(logging.WARNING)  # jieba prints its dictionary loading on first use
 
-METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
+# name (the key in metrics.json) -> title (tables, charts), in the order tables show them
+TITLES = {"bleu-4": "BLEU-4", "rouge-1": "ROUGE-1", "rouge-2": "ROUGE-2", "rouge-l": "ROUGE-l"}
+METRICS = tuple(TITLES)
 DEFINITION = (
     "per sample: rouge-1/2/l = F of rouge_chinese.Rouge().get_scores(' '.join(jieba.cut(predict)), "
     "' '.join(jieba.cut(label))) x 100, all three 0 when either jieba-split side has no word "

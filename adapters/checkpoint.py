@@ -2,10 +2,10 @@
 
 An adapter directory holds
 - `adapter.json` (ours): the method, its settings, and the base model's identity;
-- `adapter_model.safetensors`: LoRA under PEFT's key names
-  (`base_model.model.transformer.layers.25.attention.query_key_value.lora_A.weight`) next to PEFT's
-  `adapter_config.json`; Freeze / full / P-Tuning under the model's own key names (P-Tuning:
-  `transformer.prefix_encoder.embedding.weight`, the reference's names).
+- `adapter_model.safetensors` under the key names the method's `to_files` gives, and the JSON files it
+  adds: LoRA under PEFT's key names (`base_model.model.transformer.layers.25.attention.query_key_value.lora_A.weight`)
+  next to PEFT's `adapter_config.json`; Freeze / full / P-Tuning under the model's own key names
+  (P-Tuning: `transformer.prefix_encoder.embedding.weight`, the reference's names).
 `load_adapter` also reads LoRA adapters written by PEFT (no adapter.json; `.safetensors` or `.bin`)
 and P-Tuning v2 checkpoints of the reference code (prefix length and projection read off the shapes).
 """
@@ -24,14 +24,13 @@ from safetensors.torch import save_file
 from files import write_json
 from model.loader import read_shard
 
-from . import lora
-from .dispatch import AdapterSpec, attach_adapter, trainable_state_dict
+from .dispatch import METHODS, AdapterSpec, attach_adapter, trainable_state_dict
+from .lora import PEFT_PREFIX
 
 ARCH_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size",
                "bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id")
 WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = ("adapter.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-PEFT_PREFIX = "base_model.model."
 PREFIX_KEY = "transformer.prefix_encoder."
 
 
@@ -72,9 +71,9 @@ def save_adapter(model: nn.Module, spec: AdapterSpec, out_dir, base_model_name: 
     tmp = out_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    if spec.method == "lora":
-        tensors = {PEFT_PREFIX + k: t for k, t in tensors.items()}
-        write_json(tmp / "adapter_config.json", peft_config(model, spec, base_model_name))
+    tensors, beside = METHODS[spec.method].to_files(model, spec, tensors, base_model_name)
+    for name, content in beside.items():
+        write_json(tmp / name, content)
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
     write_json(tmp / "adapter.json", meta)
 
@@ -87,22 +86,6 @@ def save_adapter(model: nn.Module, spec: AdapterSpec, out_dir, base_model_name: 
         os.replace(tmp / name, out_dir / name)
     tmp.rmdir()
     return out_dir
-
-
-def peft_config(model: nn.Module, spec: AdapterSpec, base_model_name: str | None) -> dict:
-    """PEFT's adapter_config.json for a LoRA spec."""
-    if spec.lora_target:
-        targets = spec.lora_target
-    elif spec.layers == list(range(model.config.num_layers)):
-        targets = lora.TARGETS[spec.target]  # every layer: the plain suffixes, as one would write them for PEFT
-    else:
-        targets = spec.lora_modules()
-    alpha = spec.lora_alpha
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
-            "inference_mode": True, "r": spec.lora_rank, "target_modules": list(targets),
-            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": spec.lora_dropout,
-            "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "init_lora_weights": True,
-            "layers_to_transform": None, "layers_pattern": None, "revision": None}
 
 
 # ---------------------------------------------------------------- reading

@@ -2,9 +2,10 @@
 
     python -m adapters --model BASE --checkpoint ADAPTER_DIR --output OUT_DIR [--dtype bf16]
 
-LoRA updates are folded into the weights (W += scaling * B @ A); Freeze / full weights replace the
-base's. The output loads with `model.load_model(OUT_DIR)`. P-Tuning v2 cannot be merged: its
-prefix keys/values are extra inputs of every layer, not a change of any weight.
+Each method merges itself (`merge` in adapters/<method>.py): LoRA updates are folded into the weights
+(W += scaling * B @ A); Freeze / full weights replace the base's. The output loads with
+`model.load_model(OUT_DIR)`. A method without `merge` (P-Tuning v2: its prefix keys/values are extra
+inputs of every layer, not a change of any weight) is refused before the base is loaded.
 """
 import argparse
 from pathlib import Path
@@ -12,14 +13,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from model import PRESETS, ChatGLMConfig, load_model, save_checkpoint
+from model import PRESETS, load_config, load_model, save_checkpoint
 from model.loader import checkpoint_files, read_shard
 from model.tokenizer import DEMO_TOKENIZER
 from runtime import DTYPES
 
 from .checkpoint import copy_weights, read_adapter
-from .dispatch import attach_adapter
-from .lora import merge_lora
+from .dispatch import METHODS, attach_adapter
 
 
 def stored_dtype(base: str) -> torch.dtype:
@@ -41,12 +41,12 @@ def export_merged(base_path, adapter_dir, out_dir, dtype: torch.dtype | None = N
     bundled demo tokenizer for the 'tiny' preset.
     """
     base = str(base_path)
-    config = ChatGLMConfig.from_name(base) if base in PRESETS else ChatGLMConfig.from_json(Path(base) / "config.json")
-    spec, file = read_adapter(adapter_dir, config)  # checks the adapter against the base before loading it
-    if spec.method == "ptuning":
-        raise ValueError(f"{adapter_dir}: a P-Tuning v2 adapter cannot be merged into the weights (its prefix "
-                         "keys/values are extra inputs of every layer); use the base model plus the adapter "
-                         "instead (evaluate.py --model BASE --checkpoint ADAPTER_DIR)")
+    spec, file = read_adapter(adapter_dir, load_config(base))  # checks the adapter against the base before loading
+    method = METHODS[spec.method]
+    if method.merge is None:
+        raise ValueError(f"{adapter_dir}: a {method.TITLE} adapter cannot be merged into the weights (the released "
+                         f"layout has no place for its tensors: adapters/{spec.method}.py); use the base model plus "
+                         "the adapter instead (evaluate.py --model BASE --checkpoint ADAPTER_DIR)")
     if base == "tiny":
         tokenizer = DEMO_TOKENIZER
         if not tokenizer.is_file():
@@ -59,7 +59,7 @@ def export_merged(base_path, adapter_dir, out_dir, dtype: torch.dtype | None = N
     model = load_model(base, dtype=stored_dtype(base) if dtype is None else dtype)
     attach_adapter(model, spec)
     copy_weights(model, file)
-    merge_lora(model)
+    method.merge(model)
     return save_checkpoint(model.state_dict(), model.config, out_dir, tokenizer_file=tokenizer)
 
 

@@ -4,7 +4,8 @@
 and `bias`, so the base key names do not change (`...query_key_value.weight`) and the LoRA
 tensors sit beside them as `...query_key_value.lora_A.weight` / `.lora_B.weight`: PEFT's names
 without its `base_model.model.` prefix. Init, scaling and merge follow PEFT (A kaiming-uniform
-with a = sqrt 5, B zeros, scaling alpha / r, merge W += scaling * B @ A).
+with a = sqrt 5, B zeros, scaling alpha / r, merge W += scaling * B @ A). An adapter is saved in
+PEFT's layout: the keys under `base_model.model.`, beside PEFT's adapter_config.json.
 """
 import math
 import re
@@ -13,6 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import parse_layers
+
+TITLE = "LoRA"
+HELP = "low-rank updates"
+SETTINGS = ("target", "layers", "lora_rank", "lora_alpha", "lora_dropout", "lora_target")
+PEFT_PREFIX = "base_model.model."
+
 # --target -> module-name suffixes inside a layer
 TARGETS = {
     "qkv": ["attention.query_key_value"],
@@ -20,6 +28,23 @@ TARGETS = {
     "mlp": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
     "all": ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
 }
+
+
+def add_args(group):
+    group.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
+    group.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha; scaling = alpha / r")
+    group.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
+    group.add_argument("--lora-target", default=None,
+                       help="comma list of module names selected by suffix, as PEFT's target_modules "
+                            "(e.g. 'query_key_value' or '25.attention.query_key_value'); overrides --target/--layers")
+
+
+def settings(args, num_layers: int) -> dict:
+    """Explicit --lora-target names leave `layers` None (and --layers unread)."""
+    names = [t.strip() for t in args.lora_target.split(",") if t.strip()] if args.lora_target else None
+    return {"target": args.target, "layers": None if names else parse_layers(args.layers, num_layers),
+            "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+            "lora_target": names}
 
 
 class LoRALinear(nn.Module):
@@ -78,6 +103,11 @@ def layer_targets(target: str, layers: list[int]) -> list[str]:
     return [f"layers.{i}.{suffix}" for i in layers for suffix in TARGETS[target]]
 
 
+def target_modules(spec) -> list[str]:
+    """The spec's module names: the explicit --lora-target, else --target in --layers."""
+    return spec.lora_target if spec.lora_target else layer_targets(spec.target, spec.layers)
+
+
 def matches(name: str, target: str) -> bool:
     # PEFT semantics: select by suffix, on a dot boundary
     return name == target or name.endswith("." + target)
@@ -116,6 +146,10 @@ def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dr
     return chosen
 
 
+def apply(model: nn.Module, spec):
+    apply_lora(model, target_modules(spec), spec.lora_rank, spec.lora_alpha, spec.lora_dropout)
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight for good (inference, export) and put a plain nn.Linear
@@ -129,3 +163,28 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, plain)
     return model
+
+
+merge = merge_lora  # the method table's name for it
+
+
+def to_files(model: nn.Module, spec, tensors: dict, base_model_name: str | None) -> tuple[dict, dict]:
+    """PEFT's layout: the keys under `base_model.model.`, and adapter_config.json."""
+    return ({PEFT_PREFIX + k: t for k, t in tensors.items()},
+            {"adapter_config.json": peft_config(model.config.num_layers, spec, base_model_name)})
+
+
+def peft_config(num_layers: int, spec, base_model_name: str | None) -> dict:
+    """PEFT's adapter_config.json for a LoRA spec."""
+    if spec.lora_target:
+        targets = spec.lora_target
+    elif spec.layers == list(range(num_layers)):
+        targets = TARGETS[spec.target]  # every layer: the plain suffixes, as one would write them for PEFT
+    else:
+        targets = target_modules(spec)
+    alpha = spec.lora_alpha
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+            "inference_mode": True, "r": spec.lora_rank, "target_modules": list(targets),
+            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": spec.lora_dropout,
+            "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "init_lora_weights": True,
+            "layers_to_transform": None, "layers_pattern": None, "revision": None}

@@ -5,11 +5,26 @@ model views its output (B, P, 2*L*H) as (B, P, 2L, n, d) and gives layer l slot 
 2l+1 as values (see model/chatglm.py). Parameter names and default inits are the reference's
 (`transformer.prefix_encoder.embedding.weight`, `...trans.0.*`, `...trans.2.*`; torch defaults:
 Embedding N(0, 1), Linear kaiming-uniform), so its P-Tuning checkpoints load as they are.
+It cannot be merged: the prefix keys/values are extra inputs of every layer, not a change of any weight.
 """
 import dataclasses
 
 import torch
 import torch.nn as nn
+
+TITLE = "P-Tuning v2"
+HELP = "P-Tuning v2 prefixes"
+SETTINGS = ("pre_seq_len", "prefix_projection")
+
+
+def add_args(group):
+    group.add_argument("--pre-seq-len", type=int, default=16, help="P-Tuning v2 prefix length")
+    group.add_argument("--prefix-projection", action="store_true",
+                       help="P-Tuning v2: encode the prefix with a 2-layer MLP")
+
+
+def settings(args, num_layers: int) -> dict:
+    return {"pre_seq_len": args.pre_seq_len, "prefix_projection": args.prefix_projection}
 
 
 class PrefixEncoder(nn.Module):
@@ -54,3 +69,14 @@ def apply_ptuning(model: nn.Module, pre_seq_len: int, projection: bool) -> Prefi
     model.config = model.transformer.config = dataclasses.replace(cfg, pre_seq_len=pre_seq_len,
                                                                   prefix_projection=projection)
     return encoder
+
+
+def apply(model: nn.Module, spec):
+    apply_ptuning(model, spec.pre_seq_len, spec.prefix_projection)
+
+
+def to_files(model: nn.Module, spec, tensors: dict, base_model_name: str | None) -> tuple[dict, dict]:
+    return tensors, {}  # the reference's key names (transformer.prefix_encoder.*); no other file
+
+
+merge = None  # see the top: nothing to fold into the weights

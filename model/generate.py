@@ -68,6 +68,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ma
              do_sample: bool = False, top_p: float = 0.7, temperature: float = 0.95, seed: int = 0) -> list[str]:
     """Prompt strings -> answers (decoded, without <eop>), in input order. Reproducible for a given seed."""
     ids = [tokenizer.encode(p) for p in prompts]
-    seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
+    seeds = [sample_seed(seed, i) for i in range(len(prompts))]
     rows = generate_ids(model, ids, max_new_tokens, max_length, do_sample, top_p, temperature, seeds)
     return [tokenizer.decode([t for t in row if t != tokenizer.eop_id]) for row in rows]
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The generator seed of sample `index` under run seed `seed`: one formula for generate and evaluate.py."""
+    return seed * 1_000_003 + index

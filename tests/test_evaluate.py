@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import evaluate
+import results
 from adapters import AdapterSpec, apply_adapter, save_adapter
 from data import DEMO_DIR, build_eval_samples
-from metrics import METRICS, corpus_scores
+from metrics import METRICS, TITLES, corpus_scores
 from model import ChatGLMConfig, ChatGLMModel, generate_ids, load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,13 +24,13 @@ SETS = ("roleplay_all_test", "alpaca_gpt4_zh")
 TINY = ["--model", "tiny", "--max-samples", "4", "--max-length", "48", "--max-source-length", "40"]
 
 
-def write_run(runs: Path, dirname: str, run: dict, metrics: dict | None):
+def write_run(runs: Path, dirname: str, run: dict, metrics: dict | None, names=METRICS):
     d = runs / dirname
     d.mkdir(parents=True)
     (d / "run.json").write_text(json.dumps({"name": dirname, "commands": [], **run}))
     for name, values in (metrics or {}).items():
         (d / "eval" / name).mkdir(parents=True)
-        (d / "eval" / name / "metrics.json").write_text(json.dumps(dict(zip(METRICS, values))))
+        (d / "eval" / name / "metrics.json").write_text(json.dumps(dict(zip(names, values, strict=True))))
 
 
 def three_runs(runs: Path):
@@ -77,6 +78,40 @@ def test_table_bold_top_and_missing_metrics(tmp_path, capsys):
                       "**15.65** | **34.41** | **15.67** | **26.20** |")
     assert out[6] == "| 17 | lora | qkv | 3-5 | no | **3.00** | 1.00 | 0.50 | 2.00 | - | - | - | - |"
     assert out[7].startswith("missing: run 17 ") and out[7].count("alpaca_gpt4_zh") == 1
+
+
+def test_table_follows_the_metric_list(tmp_path, monkeypatch, capsys):
+    """A fifth metric in metrics.py (name and title) gives every set a fifth column in the table, CSV and chart."""
+    titles = {**TITLES, "chrf": "chrF"}
+    monkeypatch.setattr(results, "TITLES", titles)
+    monkeypatch.setattr(results, "METRICS", tuple(titles))
+    write_run(tmp_path, "0-base", {"id": 0, "method": "none", "target": "-", "layers": "-", "aux": False},
+              {"roleplay_all_test": [1, 2, 3, 4, 50], "alpaca_gpt4_zh": [5, 6, 7, 8, 40]}, names=titles)
+    write_run(tmp_path, "1-lora", {"id": 1, "method": "lora", "target": "qkv", "layers": "3", "aux": False},
+              {"roleplay_all_test": [2, 1, 3, 5, 45]}, names=titles)
+    evaluate.main(["--runs", str(tmp_path)])
+    assert capsys.readouterr().out.splitlines()[:5] == [
+        "| id | method | target | layers | aux | roleplay_all_test | - | - | - | - | alpaca_gpt4_zh | - | - | - | - |",
+        "| -- | ------ | ------ | ------ | --- | ----------------- | - | - | - | - | -------------- | - | - | - | - |",
+        "| - | - | - | - | - | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-l | chrF | "
+        "BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-l | chrF |",
+        "| 0 | none | - | - | no | 1.00 | **2.00** | **3.00** | 4.00 | **50.00** | "
+        "**5.00** | **6.00** | **7.00** | **8.00** | **40.00** |",
+        "| 1 | lora | qkv | 3 | no | **2.00** | 1.00 | **3.00** | **5.00** | 45.00 | - | - | - | - | - |"]
+    csv_rows = (tmp_path / "results.csv").read_text(encoding="utf-8").splitlines()
+    assert csv_rows[0].endswith(",roleplay_all_test/rouge-l,roleplay_all_test/chrf,alpaca_gpt4_zh/bleu-4,"
+                                "alpaca_gpt4_zh/rouge-1,alpaca_gpt4_zh/rouge-2,alpaca_gpt4_zh/rouge-l,"
+                                "alpaca_gpt4_zh/chrf")
+    assert csv_rows[2] == "1,1-lora,lora,qkv,3,False,2,1,3,5,45,,,,,"
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generation_settings_record_is_what_metrics_json_keeps():
+    gen = evaluate.GenerationSettings.from_args(evaluate.parse_args(["--model", "tiny", "--greedy", "--seed", "7"]))
+    assert gen.batch_size == 32
+    assert list(gen.record().items()) == [("do_sample", False), ("top_p", 0.7), ("temperature", 0.95),
+                                          ("max_length", 768), ("seed", 7), ("max_source_length", 512),
+                                          ("source_prefix", "")]
 
 
 def test_from_predictions_recomputes(tmp_path, capsys):
