@@ -23,8 +23,7 @@ from pathlib import Path
 import torch.distributed as dist
 from tqdm import tqdm
 
-from adapters import base_model_id, load_adapter
-from adapters.dispatch import METHODS
+from adapters import METHODS, base_model_id, load_adapter
 from data import add_data_args, build_eval_samples, build_prompt, encode_prompt
 from files import read_jsonl, write_json, write_text
 from metrics import DEFINITION, METRICS, corpus_scores, versions

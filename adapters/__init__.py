@@ -7,12 +7,13 @@
     save_adapter(model, spec, out_dir)  # adapter.json + adapter_model.safetensors (+ PEFT's adapter_config.json)
 """
 from .checkpoint import base_model_id, copy_weights, load_adapter, read_adapter, save_adapter
-from .dispatch import (AdapterSpec, add_adapter_args, apply_adapter, attach_adapter, parse_layers, trainable_report,
+from .dispatch import (METHODS, AdapterSpec, add_adapter_args, apply_adapter, attach_adapter, trainable_report,
                        trainable_state_dict)
 from .export import export_merged
+from .layers import parse_layers
 from .lora import LoRALinear, merge_lora
 from .ptuning import PrefixEncoder
 
-__all__ = ["AdapterSpec", "LoRALinear", "PrefixEncoder", "add_adapter_args", "apply_adapter", "attach_adapter",
+__all__ = ["METHODS", "AdapterSpec", "LoRALinear", "PrefixEncoder", "add_adapter_args", "apply_adapter", "attach_adapter",
            "base_model_id", "copy_weights", "export_merged", "load_adapter", "merge_lora", "parse_layers",
            "read_adapter", "save_adapter", "trainable_report", "trainable_state_dict"]

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import freeze, full, lora, ptuning
-from .layers import check_layers, parse_layers  # noqa: F401 (parse_layers: part of this module's API)
+from .layers import check_layers
 
 METHODS = {"freeze": freeze, "ptuning": ptuning, "lora": lora, "full": full}
 TARGETS = ("qkv", "mlp", "dense", "all")

@@ -8,9 +8,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from adapters import (AdapterSpec, LoRALinear, add_adapter_args, apply_adapter, base_model_id, export_merged,
+from adapters import (METHODS, AdapterSpec, LoRALinear, add_adapter_args, apply_adapter, base_model_id, export_merged,
                       load_adapter, merge_lora, parse_layers, save_adapter, trainable_report, trainable_state_dict)
-from adapters.dispatch import METHODS
 from adapters.export import main as export_main
 from model import ChatGLMConfig, ChatGLMModel, generate_ids, load_model, save_checkpoint
 from files import write_json
