@@ -52,6 +52,8 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=32, help="prompts per batch per process")
     g.add_argument("--precision", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--timeout-minutes", type=float, default=30, help="process-group timeout (torchrun)")
+    g.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa", help="attention kernel")
+    g.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graphs on CUDA); same tokens")
     t = p.add_argument_group("other modes")
     t.add_argument("--runs", help="print the table of every run under this directory (default mode, runs/)")
     t.add_argument("--bold-top", type=int, default=1, help="bold the K best values of each table column")
@@ -94,9 +96,11 @@ def sample_seed(seed: int, index: int) -> int:
 def generate_batch(model, tokenizer, batch: list[dict], args) -> list[dict]:
     """One batch of eval samples -> prediction records. A sample's answer stops at <eop> or when its prompt +
     answer reach --max-length; it does not depend on the other samples of the batch."""
+    model.transformer.attention = args.attention
     rows = generate_ids(model, [s["input_ids"] for s in batch], max_new_tokens=args.max_length,
                         max_length=args.max_length, do_sample=not args.greedy, top_p=args.top_p,
-                        temperature=args.temperature, seeds=[sample_seed(args.seed, s["index"]) for s in batch])
+                        temperature=args.temperature, seeds=[sample_seed(args.seed, s["index"]) for s in batch],
+                        compiled=args.compile)
     records = []
     for s, row in zip(batch, rows):
         ended = bool(row) and row[-1] == tokenizer.eop_id

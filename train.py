@@ -78,6 +78,7 @@ def parse_args(argv=None):
     g.add_argument("--dist-timeout", type=float, default=30, help="minutes a collective may wait for a hung rank")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute trainable blocks in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each trainable block")
+    g.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa", help="attention kernel (FlexAttention: GPU)")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="outputs/train", help="the run directory (adapter, logs, checkpoints)")
     g.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (and at the end); 0: end only")
@@ -191,6 +192,7 @@ def train(args, rank: int, world: int, device: torch.device):
 
     torch.manual_seed(args.seed)  # the adapter's random init is the same on every rank
     model = load_model(args.model, dtype=DTYPES[args.precision], device=device)
+    model.transformer.attention = args.attention
     apply_adapter(model, spec)
     if resume_from is not None:  # into float32 trainable tensors (adapters.load_adapter keeps the base dtype)
         copy_weights(model, read_adapter(resume_from, model.config)[1])

@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa", help="attention kernel (FlexAttention: GPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU peak bf16 dense TFLOP/s (default: by name)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -110,6 +111,7 @@ def main(argv=None):
         model = ChatGLMModel(config)
     dtype = DTYPES[args.precision]
     model = model.to(dtype).to_empty(device=device).init_weights(args.seed)
+    model.transformer.attention = args.attention
     spec = AdapterSpec.from_args(args, config.num_layers)
     apply_adapter(model, spec)
     model.train()

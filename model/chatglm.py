@@ -172,7 +172,8 @@ def attend(q, k, v, mask):
     The kernel follows the mask: a BlockMask goes to FlexAttention, a bool tensor to SDPA.
     """
     if isinstance(mask, BlockMask):
-        return flex_attention(q, k, v, block_mask=mask)
+        # contiguous: compiled CPU FlexAttention misreads a transposed query (a no-op copy when T = 1)
+        return flex_attention(q.contiguous(), k, v, block_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -189,14 +190,15 @@ class KVCache:
     """
 
     def __init__(self, config: ChatGLMConfig, batch: int, max_slots: int, dtype, device):
-        shape = (config.num_layers, batch, config.num_attention_heads, max_slots, config.head_dim)
-        # zeros, not empty: masked slots get weight exactly 0, and 0 * NaN garbage would still be NaN
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, config.num_attention_heads, max_slots, config.head_dim)
+        # One tensor per layer, not views of one: compiled CPU FlexAttention misreads views of a larger buffer.
+        # Zeros, not empty: masked slots get weight exactly 0, and 0 * NaN garbage would still be NaN.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.valid = torch.ones(batch, max_slots, dtype=torch.bool, device=device)
         self.length = torch.zeros((), dtype=torch.long, device=device)
         self.spans = None
-        for t in (self.k, self.v, self.valid, self.length):
+        for t in (*self.k, *self.v, self.valid, self.length):
             # the compiled decode step writes these in place: CUDA graphs keep their addresses as they are
             torch._dynamo.mark_static_address(t)
 
@@ -212,9 +214,7 @@ class KVCache:
     def update(self, layer: int, k, v):
         # k, v (B, n, T, d) written at slots length .. length + T - 1 -> all slots (B, n, S, d)
         slots = self.length + torch.arange(k.shape[2], device=k.device)  # (T,)
-        self.k[layer].index_copy_(2, slots, k)
-        self.v[layer].index_copy_(2, slots, v)
-        return self.k[layer], self.v[layer]
+        return self.k[layer].index_copy_(2, slots, k), self.v[layer].index_copy_(2, slots, v)
 
 
 # ---------------------------------------------------------------- the network
