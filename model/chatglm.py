@@ -4,6 +4,7 @@ Module names follow the released checkpoint (`transformer.layers.{i}.attention.q
 so a released state dict loads with `copy_` key by key and adapter key names follow for free.
 The numbers this file must reproduce are written down in `../shared/docs/chatglm6b.md`.
 """
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -166,14 +167,24 @@ def prefix_lm_mask(kernel: str, key_valid, context, filled, T: int, P: int):
     return visible(b, None, i, j)  # (B, 1, T, S)
 
 
+@functools.cache
+def compiled_flex_attention():
+    return torch.compile(flex_attention)
+
+
 def attend(q, k, v, mask):
     """q (B, n, T, d) over k, v (B, n, S, d) -> (B, n, T, d); the one place the attention kernel is called.
 
     The kernel follows the mask: a BlockMask goes to FlexAttention, a bool tensor to SDPA.
     """
     if isinstance(mask, BlockMask):
-        # contiguous: compiled CPU FlexAttention misreads a transposed query (a no-op copy when T = 1)
-        return flex_attention(q.contiguous(), k, v, block_mask=mask)
+        # Uncompiled, FlexAttention runs an unfused reference that materializes the scores. Inside a
+        # compiled step it is fused with the step; in an eager model on CUDA the call is compiled alone
+        # (as torchtune does). CPU keeps the reference there: torch 2.13's compiled CPU FlexAttention
+        # fails to build once shapes vary. Contiguous: it also misreads a transposed query (T = 1: no copy).
+        compile_alone = q.is_cuda and not torch.compiler.is_compiling()
+        flex = compiled_flex_attention() if compile_alone else flex_attention
+        return flex(q.contiguous(), k, v, block_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -292,8 +303,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
         """input_ids (B, T), attention_mask (B, T) 1 = token, 0 = pad -> final hidden states (B, T, H).
 
-        With a cache, the first call is the prefill (the prompts); each later call appends T tokens.
-        A later call reads positions and masks from tensors only: a decode step is one static graph.
+        With a cache, the first call is the prefill (the prompts); each later call appends T real tokens
+        (attention_mask is not read) and takes positions and masks from tensors only: one static graph.
         """
         B, T = input_ids.shape
         dev = input_ids.device
