@@ -3,8 +3,9 @@
 Sampling draws one uniform number per sequence per step from that sequence's own generator
 (seeded by `seeds[i]`), so a sample's answer does not depend on which batch or rank it ran in.
 Prefill and the decode step are separate functions (gpt-fast): the decode step has one shape at every
-position, so `torch.compile` captures it once (CUDA graphs on CUDA). Sampling stays eager, outside the
-compiled step, because per-sequence torch.Generators cannot be captured.
+position of a generation, so `torch.compile` captures it once per batch and cache size (CUDA graphs on
+CUDA; sizes that change between calls become dynamic at the first recompile). Sampling stays eager,
+outside the compiled step, because per-sequence torch.Generators cannot be captured.
 """
 import functools
 

@@ -58,6 +58,13 @@ def test_flex_forward_equals_sdpa(case):
     assert model.transformer.attention == "sdpa"
 
 
+def test_unknown_attention_kernel_is_an_error():
+    model = small_model()
+    model.transformer.attention = "flash"
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'; use 'sdpa' or 'flex'"):
+        model(torch.tensor([SEQS[2]]))
+
+
 @pytest.mark.parametrize("prefix", [0, 3])
 @torch.no_grad()
 def test_flex_cached_decode_equals_sdpa_and_recomputation(prefix):
