@@ -3,6 +3,7 @@
     python bench/generate.py --model tiny --batch-size 32 --prompt-len 128 --new-tokens 64
     python bench/generate.py --model chatglm-6b --device cuda --dtype bf16 --batch-size 32   # random weights
     python bench/generate.py --model proxy-28 --batch-size 1 8 32 --compile   # eager vs compiled decoding
+    python bench/generate.py --model chatglm-6b --batch-size 8 --attention flex --profile   # which kernels ran
     python bench/generate.py --compare    # CPU: 64 prompts batched with a KV cache vs one at a time without one
 
 Weights are random (a preset) unless --model names a checkpoint directory; the speed does not depend on them.
@@ -61,6 +62,18 @@ def prefill_decode(model, prompts: list[list[int]], new_tokens: int, device, ste
     return t1 - t0, time.perf_counter() - t1, torch.stack(out, 1).tolist()
 
 
+def print_kernels(model, prompts: list[list[int]], new_tokens: int, device, step):
+    """The most expensive operators and kernels of one generation (which attention kernel ran: on CUDA, SDPA's
+    flash / memory-efficient / cuDNN kernel or FlexAttention's Triton template)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        prefill_decode(model, prompts, new_tokens, device, step)
+    order = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=order, row_limit=15, max_name_column_width=90))
+
+
 @torch.no_grad()
 def naive_generate(model, prompt: list[int], new_tokens: int, eos: int) -> list[int]:
     """One prompt, no cache: the whole sequence goes through the model again for every new token."""
@@ -98,6 +111,8 @@ def speed(args):
             print(f"batch {B:3d} {name:8s} prefill {B * T / prefill_s:10,.0f} tokens/s ({prefill_s * 1000:.1f} ms); "
                   f"decode {B * N / decode_s:9,.0f} tokens/s ({decode_s / N * 1000:.2f} ms per step); "
                   f"{peak_memory(device)}")
+            if args.profile:
+                print_kernels(model, prompts, N, device, step)
         if args.compile:
             print(f"batch {B:3d} compiled greedy tokens identical to eager: {tokens['compiled'] == tokens['eager']}")
 
@@ -134,6 +149,7 @@ def main():
     p.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa", help="attention kernel")
     p.add_argument("--compile", action="store_true",
                    help="also time the compiled decode step (CUDA graphs on CUDA) and compare its tokens with eager")
+    p.add_argument("--profile", action="store_true", help="print the top operators and kernels of each run")
     p.add_argument("--compare", action="store_true",
                    help="CPU, fp32: 64 prompts batched with the KV cache vs one at a time without a cache")
     args = p.parse_args()
