@@ -27,8 +27,7 @@ from adapters import METHODS, base_model_id, load_adapter
 from data import add_data_args, build_eval_samples, build_prompt, encode_prompt
 from files import read_jsonl, write_json, write_text
 from metrics import DEFINITION, METRICS, corpus_scores, versions
-from model import generate_ids, load_model, load_tokenizer
-from model.generate import sample_seed
+from model import ATTENTION_KERNELS, generate_ids, load_model, load_tokenizer, sample_seed
 from results import read_runs, write_results
 from runtime import DTYPES, init_distributed
 
@@ -53,6 +52,8 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=32, help="prompts per batch per process")
     g.add_argument("--precision", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--timeout-minutes", type=float, default=30, help="process-group timeout (torchrun)")
+    g.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa", help="attention kernel")
+    g.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graphs on CUDA); same tokens")
     t = p.add_argument_group("other modes")
     t.add_argument("--runs", help="print the table of every run under this directory (default mode, runs/)")
     t.add_argument("--bold-top", type=int, default=1, help="bold the K best values of each table column")
@@ -101,23 +102,29 @@ class GenerationSettings:
     max_source_length: int  # prompt tokens at most (data.encode_prompt)
     source_prefix: str  # text put in front of every prompt
     batch_size: int  # prompts per batch per process
+    attention: str  # attention kernel (model.ATTENTION_KERNELS)
+    compiled: bool  # compiled decode step
 
     @classmethod
     def from_args(cls, args) -> "GenerationSettings":
         return cls(do_sample=not args.greedy, top_p=args.top_p, temperature=args.temperature,
                    max_length=args.max_length, seed=args.seed, max_source_length=args.max_source_length,
-                   source_prefix=args.source_prefix, batch_size=args.batch_size)
+                   source_prefix=args.source_prefix, batch_size=args.batch_size, attention=args.attention,
+                   compiled=args.compile)
 
     def record(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "batch_size"}
+        """What the answers depend on; the last three fields only change how fast they come."""
+        return {k: v for k, v in asdict(self).items() if k not in ("batch_size", "attention", "compiled")}
 
 
 def generate_batch(model, tokenizer, batch: list[dict], gen: GenerationSettings) -> list[dict]:
     """One batch of eval samples -> prediction records. A sample's answer stops at <eop> or when its prompt +
     answer reach max_length; it does not depend on the other samples of the batch."""
+    model.transformer.attention = gen.attention
     rows = generate_ids(model, [s["input_ids"] for s in batch], max_new_tokens=gen.max_length,
                         max_length=gen.max_length, do_sample=gen.do_sample, top_p=gen.top_p,
-                        temperature=gen.temperature, seeds=[sample_seed(gen.seed, s["index"]) for s in batch])
+                        temperature=gen.temperature, seeds=[sample_seed(gen.seed, s["index"]) for s in batch],
+                        compiled=gen.compiled)
     records = []
     for s, row in zip(batch, rows):
         ended = bool(row) and row[-1] == tokenizer.eop_id

@@ -34,8 +34,8 @@ from runtime import all_gather, rng_state, set_rng_state
 
 LOG = "trainer_log.jsonl"
 # Arguments that do not change what a run computes: a run restarted with other values is the same run.
-VOLATILE_ARGS = {"resume", "overwrite", "dry_run", "dist_timeout", "logging_steps", "plot_loss", "save_steps",
-                 "output_dir"}
+VOLATILE_ARGS = {"resume", "overwrite", "dry_run", "attention", "dist_timeout", "logging_steps", "plot_loss",
+                 "save_steps", "output_dir"}
 OUR_FILES = ("run_config.json", LOG, "train_results.json", "training_loss.png", "adapter.json",
              "adapter_model.safetensors", "adapter_config.json", "checkpoints")
 KEEP_CHECKPOINTS = 2

@@ -37,7 +37,7 @@ from runtime import DTYPES, all_gather, init_distributed, peak_memory_bytes
 from adapters import AdapterSpec, add_adapter_args, apply_adapter, trainable_report
 from data import (IGNORE, add_data_args, build_train_samples, collate_train, format_report, global_batches,
                   rank_share)
-from model import ChatGLMModel, load_config, load_model, load_tokenizer
+from model import ATTENTION_KERNELS, ChatGLMModel, load_config, load_model, load_tokenizer
 
 OOM_HELP = ("out of memory. Knobs, cheapest first: a smaller --batch-size with a larger --grad-accum (same global "
             "batch), --grad-checkpointing, shorter --max-source-length / --max-target-length, --precision bf16, "
@@ -83,6 +83,7 @@ def parse_args(argv=None):
     g.add_argument("--dist-timeout", type=float, default=30, help="minutes a collective may wait for a hung rank")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute trainable blocks in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each trainable block")
+    g.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa", help="attention kernel (FlexAttention: GPU)")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="outputs/train", help="the run directory (adapter, logs, checkpoints)")
     g.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (and at the end); 0: end only")
@@ -149,6 +150,7 @@ def build_model(args, spec: AdapterSpec, resume_from: Path | None, device) -> Ch
     checkpoint's trainable weights. Only the method's tensors require grad."""
     torch.manual_seed(args.seed)  # the adapter's random init is the same on every rank
     model = load_model(args.model, dtype=DTYPES[args.precision], device=device)
+    model.transformer.attention = args.attention
     apply_adapter(model, spec)
     if resume_from is not None:
         rundir.load_trainable(model, resume_from)

@@ -2,6 +2,8 @@
 
     python bench/generate.py --model tiny --batch-size 32 --prompt-len 128 --new-tokens 64
     python bench/generate.py --model chatglm-6b --device cuda --dtype bf16 --batch-size 32   # random weights
+    python bench/generate.py --model proxy-28 --batch-size 1 8 32 --compile   # eager vs compiled decoding
+    python bench/generate.py --model chatglm-6b --batch-size 8 --attention flex --profile   # which kernels ran
     python bench/generate.py --compare    # CPU: 64 prompts batched with a KV cache vs one at a time without one
 
 Weights are random (a preset) unless --model names a checkpoint directory; the speed does not depend on them.
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import generate_ids, load_model  # noqa: E402
+from model import ATTENTION_KERNELS, compiled_decode_step, decode_step, generate_ids, load_model, prefill  # noqa: E402
 from runtime import DTYPES  # noqa: E402
 
 
@@ -41,23 +43,34 @@ def peak_memory(device) -> str:
 
 
 @torch.no_grad()
-def prefill_decode(model, prompts: list[list[int]], new_tokens: int, device) -> tuple[float, float]:
-    """Seconds for the prefill of the batch and for `new_tokens` single-token decode steps (greedy)."""
+def prefill_decode(model, prompts: list[list[int]], new_tokens: int, device, step) -> tuple[float, float, list]:
+    """Seconds for the prefill of the batch and for `new_tokens` greedy decode steps by `step`; the tokens."""
     ids = torch.tensor(prompts, device=device)  # (B, T), equal lengths: no padding
     B, T = ids.shape
     cache = model.new_cache(B, T + new_tokens)
-    last = torch.zeros(B, T, dtype=torch.bool, device=device)
-    last[:, -1] = True
     sync(device)
     t0 = time.perf_counter()
-    logits = model(ids, None, cache, logits_at=last)  # (B, V)
+    logits = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), cache)  # (B, V)
     sync(device)
     t1 = time.perf_counter()
+    out = []
     for _ in range(new_tokens):
-        nxt = logits.argmax(-1)  # (B,)
-        logits = model(nxt[:, None], None, cache)[:, -1]  # (B, V)
+        out.append(logits.argmax(-1))  # (B,)
+        logits = step(model, out[-1][:, None], cache)  # (B, V)
     sync(device)
-    return t1 - t0, time.perf_counter() - t1
+    return t1 - t0, time.perf_counter() - t1, torch.stack(out, 1).tolist()
+
+
+def print_kernels(model, prompts: list[list[int]], new_tokens: int, device, step):
+    """The most expensive operators and kernels of one generation (which attention kernel ran: on CUDA, SDPA's
+    flash / memory-efficient / cuDNN kernel or FlexAttention's Triton template)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        prefill_decode(model, prompts, new_tokens, device, step)
+    order = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=order, row_limit=15, max_name_column_width=90))
 
 
 @torch.no_grad()
@@ -78,17 +91,29 @@ def naive_generate(model, prompt: list[int], new_tokens: int, eos: int) -> list[
 def speed(args):
     device = torch.device(args.device)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=device).eval()
-    prompts = random_prompts(model.config, args.batch_size, args.prompt_len)
-    prefill_decode(model, prompts, args.new_tokens, device)  # warm-up: every shape once (kernels, allocator)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    prefill_s, decode_s = prefill_decode(model, prompts, args.new_tokens, device)
-    B, T, N = args.batch_size, args.prompt_len, args.new_tokens
+    model.transformer.attention = args.attention
+    steps = {"eager": decode_step}
+    if args.compile:
+        steps["compiled"] = compiled_decode_step(device.type)
+    T, N = args.prompt_len, args.new_tokens
     where = f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
-    print(f"model {args.model} ({args.dtype}, {where}) batch {B}, prompt {T}, new tokens {N}")
-    print(f"prefill: {B * T / prefill_s:,.0f} tokens/s ({prefill_s * 1000:.1f} ms)")
-    print(f"decode:  {B * N / decode_s:,.0f} tokens/s ({decode_s / N * 1000:.2f} ms per step)")
-    print(peak_memory(device))
+    print(f"model {args.model} ({args.dtype}, {where}, {args.attention}) prompt {T}, new tokens {N}")
+    for B in args.batch_size:
+        prompts = random_prompts(model.config, B, T)
+        tokens = {}
+        for name, step in steps.items():
+            for _ in range(2 if name == "compiled" else 1):  # warm-up: compilation, CUDA graph recording
+                prefill_decode(model, prompts, N, device, step)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            prefill_s, decode_s, tokens[name] = prefill_decode(model, prompts, N, device, step)
+            print(f"batch {B:3d} {name:8s} prefill {B * T / prefill_s:10,.0f} tokens/s ({prefill_s * 1000:.1f} ms); "
+                  f"decode {B * N / decode_s:9,.0f} tokens/s ({decode_s / N * 1000:.2f} ms per step); "
+                  f"{peak_memory(device)}")
+            if args.profile:
+                print_kernels(model, prompts, N, device, step)
+        if args.compile:
+            print(f"batch {B:3d} compiled greedy tokens identical to eager: {tokens['compiled'] == tokens['eager']}")
 
 
 def compare(args):
@@ -113,12 +138,17 @@ def compare(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="preset (tiny, chatglm-6b: random weights) or checkpoint dir")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--model", default="tiny",
+                   help="preset (tiny, proxy-28, chatglm-6b: random weights) or checkpoint dir")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[32], help="one or more batch sizes")
     p.add_argument("--prompt-len", type=int, help="prompt tokens incl. [gMASK] <sop> (default 128; --compare 64)")
     p.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default 64; --compare 64)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa", help="attention kernel")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the compiled decode step (CUDA graphs on CUDA) and compare its tokens with eager")
+    p.add_argument("--profile", action="store_true", help="print the top operators and kernels of each run")
     p.add_argument("--compare", action="store_true",
                    help="CPU, fp32: 64 prompts batched with the KV cache vs one at a time without a cache")
     args = p.parse_args()

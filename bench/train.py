@@ -36,7 +36,7 @@ import train  # noqa: E402  (the training loop's step and set-up)
 from runtime import DTYPES, peak_memory_bytes  # noqa: E402
 from adapters import AdapterSpec, add_adapter_args, apply_adapter  # noqa: E402
 from data import IGNORE  # noqa: E402
-from model import PRESETS, ChatGLMConfig, ChatGLMModel  # noqa: E402
+from model import ATTENTION_KERNELS, PRESETS, ChatGLMConfig, ChatGLMModel  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa", help="attention kernel (FlexAttention: GPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU peak bf16 dense TFLOP/s (default: by name)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -117,6 +118,7 @@ def main(argv=None):
         model = ChatGLMModel(config)
     dtype = DTYPES[args.precision]
     model = model.to(dtype).to_empty(device=device).init_weights(args.seed)
+    model.transformer.attention = args.attention
     spec = AdapterSpec.from_args(args, config.num_layers)
     apply_adapter(model, spec)
     model.train()

@@ -4,7 +4,7 @@
 """
 from pathlib import Path
 
-from .batching import collate_generate, collate_train, global_batches, rank_share
+from .batching import collate_train, global_batches, rank_share
 from .encode import IGNORE, build_eval_samples, build_train_samples, encode_prompt, encode_train, format_report
 from .prompt import build_prompt
 from .registry import RESERVED_STRINGS, DataError, load_records, read_dataset_info
@@ -33,5 +33,5 @@ def add_data_args(parser):
 
 
 __all__ = ["DEMO_DIR", "IGNORE", "RESERVED_STRINGS", "DataError", "add_data_args", "build_eval_samples",
-           "build_prompt", "build_train_samples", "collate_generate", "collate_train", "encode_prompt",
+           "build_prompt", "build_train_samples", "collate_train", "encode_prompt",
            "encode_train", "format_report", "global_batches", "load_records", "rank_share", "read_dataset_info"]

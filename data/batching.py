@@ -25,18 +25,6 @@ def collate_train(samples: list[dict], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_generate(id_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding, so every prompt ends at the last column where generation continues. -> (B, T), (B, T)."""
-    T = max(len(ids) for ids in id_lists)
-    input_ids = torch.full((len(id_lists), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(id_lists), T), dtype=torch.long)
-    for i, ids in enumerate(id_lists):
-        if ids:
-            input_ids[i, T - len(ids):] = torch.tensor(ids)
-            attention_mask[i, T - len(ids):] = 1
-    return input_ids, attention_mask
-
-
 def global_batches(lengths: list[int], global_batch_size: int, seed: int, epoch: int,
                    group_by_length: bool = True, mega_batches: int = 50) -> list[list[int]]:
     """One epoch's batches of sample indices; every index exactly once, the same for any world size.

@@ -1,8 +1,9 @@
 """ChatGLM-6B: the network, its checkpoint loader and writer, its tokenizer, batched generation."""
-from .chatglm import PRESETS, ChatGLMConfig, ChatGLMModel, KVCache
-from .generate import generate, generate_ids
+from .chatglm import ATTENTION_KERNELS, PRESETS, ChatGLMConfig, ChatGLMModel, KVCache
+from .generate import compiled_decode_step, decode_step, generate, generate_ids, left_pad, prefill, sample_seed
 from .loader import load_config, load_model, save_checkpoint
 from .tokenizer import ChatGLMTokenizer, load_tokenizer
 
-__all__ = ["PRESETS", "ChatGLMConfig", "ChatGLMModel", "KVCache", "generate", "generate_ids", "load_config", "load_model",
-           "save_checkpoint", "ChatGLMTokenizer", "load_tokenizer"]
+__all__ = ["ATTENTION_KERNELS", "PRESETS", "ChatGLMConfig", "ChatGLMModel", "KVCache", "ChatGLMTokenizer",
+           "compiled_decode_step", "decode_step", "generate", "generate_ids", "left_pad", "load_config", "load_model",
+           "load_tokenizer", "prefill", "sample_seed", "save_checkpoint"]

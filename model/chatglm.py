@@ -4,6 +4,7 @@ Module names follow the released checkpoint (`transformer.layers.{i}.attention.q
 so a released state dict loads with `copy_` key by key and adapter key names follow for free.
 The numbers this file must reproduce are written down in `../shared/docs/chatglm6b.md`.
 """
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 @dataclass
@@ -60,6 +62,9 @@ PRESETS = {
     "tiny": dict(vocab_size=4096, hidden_size=128, num_layers=6, num_attention_heads=4, inner_hidden_size=512,
                  max_sequence_length=1024, mask_token_id=4, gmask_token_id=5, bos_token_id=8, eos_token_id=9,
                  pad_token_id=3),
+    # ChatGLM-6B's depth, vocabulary and head size at a width a CPU runs: benchmarks of per-layer and
+    # per-step overheads (kernel launches, Python) that a narrow 6-layer model would hide.
+    "proxy-28": dict(hidden_size=256, num_attention_heads=2, inner_hidden_size=1024),
 }
 
 
@@ -132,31 +137,97 @@ def apply_rotary(x, cos, sin):
     return (xf * cos + rot * sin).to(x.dtype)
 
 
+# ---------------------------------------------------------------- the attention seam
+
+ATTENTION_KERNELS = ("sdpa", "flex")  # model.transformer.attention: a run-time choice, same numbers
+
+def prefix_lm_mask(kernel: str, key_valid, context, filled, T: int, P: int):
+    """Which keys each query sees, built once per forward in the form `kernel` ("sdpa" or "flex") takes.
+
+    Key slot j holds the P-Tuning prefix for j < P, then token slot j - P. `filled` (a 0-d tensor) counts
+    the cache slots written before this call, so query i is token slot max(filled - P, 0) + i. Key j is
+    visible when it is real (key_valid (B, S): False for pads) and either a prefix slot, in the
+    bidirectional prompt (token slot < context, the index of <sop>) or not in the future. All of it comes
+    from tensors, so a decode step keeps one shape and no host sync.
+    -> (B, 1, T, S) bool for SDPA, a BlockMask for FlexAttention.
+    """
+    B, S = key_valid.shape
+
+    def visible(b, h, i, j):  # FlexAttention's mask_mod: index tensors in, bool out
+        # the tensors it reads are the caller's as they are: compiled CPU FlexAttention rejects computed ones
+        token = j - P
+        return key_valid[b, j] & ((token < context[b]) | (token <= (filled - P).clamp(min=0) + i))
+
+    if kernel == "flex":
+        return create_block_mask(visible, B, None, T, S, device=key_valid.device)
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; use one of {ATTENTION_KERNELS}")
+    dev = key_valid.device
+    b = torch.arange(B, device=dev)[:, None, None, None]
+    i = torch.arange(T, device=dev)[None, None, :, None]
+    j = torch.arange(S, device=dev)[None, None, None, :]
+    return visible(b, None, i, j)  # (B, 1, T, S)
+
+
+@functools.cache
+def compiled_flex_attention():
+    return torch.compile(flex_attention)
+
+
+def attend(q, k, v, mask):
+    """q (B, n, T, d) over k, v (B, n, S, d) -> (B, n, T, d); the one place the attention kernel is called.
+
+    The kernel follows the mask: a BlockMask goes to FlexAttention, a bool tensor to SDPA.
+    """
+    if isinstance(mask, BlockMask):
+        # Uncompiled, FlexAttention runs an unfused reference that materializes the scores. Inside a
+        # compiled step it is fused with the step; in an eager model on CUDA the call is compiled alone
+        # (as torchtune does). CPU keeps the reference there: torch 2.13's compiled CPU FlexAttention
+        # fails to build once shapes vary. Contiguous: it also misreads a transposed query (T = 1: no copy).
+        compile_alone = q.is_cuda and not torch.compiler.is_compiling()
+        flex = compiled_flex_attention() if compile_alone else flex_attention
+        return flex(q.contiguous(), k, v, block_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 # ---------------------------------------------------------------- KV cache
 
 class KVCache:
     """Preallocated keys/values for generation, written by slot index (gpt-fast style).
 
-    Slots hold the P-Tuning prefix (if any) then the tokens; `valid` marks slots a query may see
-    (False for left pads). `spans` keeps each prompt's (o, c, p) so decode steps know their positions.
+    Slots hold the P-Tuning prefix (if any) then the tokens. Every step attends over all slots, with
+    the slots not written yet masked out (they lie in the future), so a decode step has one shape
+    whatever its position. `length` (slots filled so far) is a tensor for the same reason. `valid`
+    marks slots a query may see (False for left pads); `spans` keeps each prompt's (o, c, p) so decode
+    steps know their positions. Both are written once, at prefill.
     """
 
     def __init__(self, config: ChatGLMConfig, batch: int, max_slots: int, dtype, device):
-        shape = (config.num_layers, batch, config.num_attention_heads, max_slots, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.valid = torch.zeros(batch, max_slots, dtype=torch.bool, device=device)
-        self.length = 0  # slots filled so far (prefix included)
+        shape = (batch, config.num_attention_heads, max_slots, config.head_dim)
+        # One tensor per layer, not views of one: compiled CPU FlexAttention misreads views of a larger buffer.
+        # Zeros, not empty: masked slots get weight exactly 0, and 0 * NaN garbage would still be NaN.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.valid = torch.ones(batch, max_slots, dtype=torch.bool, device=device)
+        self.length = torch.zeros((), dtype=torch.long, device=device)
         self.spans = None
+        for t in (*self.k, *self.v, self.valid, self.length):
+            # the compiled decode step writes these in place: CUDA graphs keep their addresses as they are
+            torch._dynamo.mark_static_address(t)
+
+    def start(self, spans, key_valid):
+        """Prefill: record the prompts' spans and which of the first slots are real (B, P + T)."""
+        if key_valid.shape[1] > self.valid.shape[1]:
+            raise ValueError(f"KV cache holds {self.valid.shape[1]} slots; the prompt needs {key_valid.shape[1]}")
+        self.spans = spans
+        for t in spans:
+            torch._dynamo.mark_static_address(t)
+        self.valid[:, :key_valid.shape[1]] = key_valid
 
     def update(self, layer: int, k, v):
-        # k, v (B, n, T, d) -> all keys/values so far (B, n, length + T, d)
-        end = self.length + k.shape[2]
-        if end > self.k.shape[3]:
-            raise ValueError(f"KV cache holds {self.k.shape[3]} slots; this step needs {end}")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        # k, v (B, n, T, d) written at slots length .. length + T - 1 -> all slots (B, n, S, d)
+        slots = self.length + torch.arange(k.shape[2], device=k.device)  # (T,)
+        return self.k[layer].index_copy_(2, slots, k), self.v[layer].index_copy_(2, slots, v)
 
 
 # ---------------------------------------------------------------- the network
@@ -169,7 +240,7 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, cos, sin, visible, prefix=None, cache=None):
+    def forward(self, x, cos, sin, mask, prefix=None, cache=None):
         B, T, _ = x.shape
         qkv = self.query_key_value(x).view(B, T, self.n, 3 * self.d)  # head-major: head h owns 3d outputs
         q, k, v = qkv.split(self.d, dim=-1)  # (B, T, n, d) each
@@ -179,7 +250,7 @@ class Attention(nn.Module):
             k, v = torch.cat([prefix[0].to(k.dtype), k], dim=2), torch.cat([prefix[1].to(v.dtype), v], dim=2)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # (B, n, S, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])  # (B, n, T, d)
+        y = attend(q, k, v, mask)  # (B, n, T, d)
         return self.dense(y.transpose(1, 2).reshape(B, T, self.n * self.d))
 
 
@@ -202,10 +273,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.alpha = math.sqrt(2 * REFERENCE_ALPHA_LAYERS)
 
-    def forward(self, x, cos, sin, visible, prefix=None, cache=None):
+    def forward(self, x, cos, sin, mask, prefix=None, cache=None):
         # ChatGLM's residual is the LayerNorm OUTPUT scaled by sqrt(2 L), not the block input.
         a = self.input_layernorm(x)
-        h = a * self.alpha + self.attention(a, cos, sin, visible, prefix, cache)
+        h = a * self.alpha + self.attention(a, cos, sin, mask, prefix, cache)
         m = self.post_attention_layernorm(h)
         return m * self.alpha + self.mlp(m)
 
@@ -220,6 +291,9 @@ class Transformer(nn.Module):
         # P-Tuning v2 slot (adapters/ptuning.py): a module with `pre_seq_len` P mapping a batch
         # size B to prefix keys/values (B, P, 2*L*H). The base model leaves it empty.
         self.prefix_encoder = None
+        # The attention kernel, "sdpa" or "flex" (prefix_lm_mask, attend). A run-time choice (train.py
+        # --attention ...), not part of the checkpoint: the numbers are the same within float rounding.
+        self.attention = "sdpa"
 
     def prefix_kv(self, B: int):
         # (B, P, 2*L*H) -> (2L, B, n, P, d); layer l reads slot 2l as keys and 2l+1 as values.
@@ -229,45 +303,41 @@ class Transformer(nn.Module):
         return kv.view(B, P, 2 * cfg.num_layers, cfg.num_attention_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
-        """input_ids (B, T), attention_mask (B, T) 1 = token, 0 = pad -> final hidden states (B, T, H)."""
+        """input_ids (B, T), attention_mask (B, T) 1 = token, 0 = pad -> final hidden states (B, T, H).
+
+        With a cache, the first call is the prefill (the prompts); each later call appends T real tokens
+        (attention_mask is not read) and takes positions and masks from tensors only: one static graph.
+        """
         B, T = input_ids.shape
         dev = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
-        use_prefix = self.prefix_encoder is not None and (cache is None or cache.length == 0)
-        prefix = self.prefix_kv(B) if use_prefix else None  # with a cache, written once at prefill
         P = 0 if self.prefix_encoder is None else self.prefix_encoder.pre_seq_len
-        start = 0 if cache is None else max(cache.length - P, 0)  # token slot of input_ids[:, 0]
-
-        if cache is None or cache.spans is None:
+        prefill = cache is None or cache.spans is None
+        if prefill:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
             spans = prompt_spans(input_ids, attention_mask, self.config)
-            if cache is not None:
-                cache.spans = spans
+            key_valid = attention_mask.bool()  # (B, P + T): prefix slots are always real
+            if P:
+                key_valid = torch.cat([torch.ones(B, P, dtype=torch.bool, device=dev), key_valid], dim=1)
+        prefix = self.prefix_kv(B) if P and prefill else None  # with a cache, written once at prefill
+        if cache is None:
+            filled = torch.zeros((), dtype=torch.long, device=dev)
         else:
-            spans = cache.spans
-        slots = torch.arange(start, start + T, device=dev)  # (T,)
+            if prefill:
+                cache.start(spans, key_valid)
+            spans, key_valid, filled = cache.spans, cache.valid, cache.length  # key_valid: (B, S), all slots
+        # token slot of input_ids[:, 0]; at prefill the prefix is written with the tokens
+        slots = (filled - P).clamp(min=0) + torch.arange(T, device=dev)  # (T,)
         # inv_freq is recomputed (not a buffer) so that model.to(bfloat16) can never round it.
         cos, sin = rotary_cos_sin(*positions_2d(slots, *spans), rotary_inv_freq(self.config.head_dim, dev))
-
-        # Key j is visible to query i when it is a real token (or a prefix slot) and either lies in
-        # the bidirectional prompt (j < c) or is not in the future (j <= i). Prefix slots have j < 0.
-        key_valid = attention_mask.bool()
-        if use_prefix and P:
-            key_valid = torch.cat([torch.ones(B, P, dtype=torch.bool, device=dev), key_valid], dim=1)
-        if cache is not None:
-            cache.valid[:, cache.length:cache.length + key_valid.shape[1]] = key_valid
-            key_valid = cache.valid[:, :cache.length + key_valid.shape[1]]
-        key_slots = torch.arange(key_valid.shape[1], device=dev) - P  # (S,)
-        c = spans[1]
-        visible = key_valid[:, None, :] & ((key_slots[None, None, :] < c[:, None, None])
-                                           | (key_slots[None, None, :] <= slots[None, :, None]))  # (B, T, S)
+        mask = prefix_lm_mask(self.attention, key_valid, spans[1], filled, T, P)
 
         x = self.word_embeddings(input_ids)  # (B, T, H)
         for i, layer in enumerate(self.layers):
             layer_prefix = None if prefix is None else (prefix[2 * i], prefix[2 * i + 1])
-            x = layer(x, cos, sin, visible, layer_prefix, cache)
+            x = layer(x, cos, sin, mask, layer_prefix, cache)
         if cache is not None:
-            cache.length += (P if use_prefix else 0) + T
+            cache.length += (P if prefix is not None else 0) + T
         return self.final_layernorm(x)
 
 

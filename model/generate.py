@@ -2,8 +2,51 @@
 
 Sampling draws one uniform number per sequence per step from that sequence's own generator
 (seeded by `seeds[i]`), so a sample's answer does not depend on which batch or rank it ran in.
+Prefill and the decode step are separate functions (gpt-fast): the decode step has one shape at every
+position of a generation, so `torch.compile` captures it once per batch and cache size (CUDA graphs on
+CUDA; sizes that change between calls become dynamic at the first recompile). Sampling stays eager,
+outside the compiled step, because per-sequence torch.Generators cannot be captured.
 """
+import functools
+
 import torch
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The generator seed of sample `index` of a run with `seed`."""
+    return seed * 1_000_003 + index
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths -> ids (B, T) long and mask (B, T) bool (False = pad), pads on the left so
+    that every prompt ends in the last column, where generation continues."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, T - len(p):] = torch.tensor(p)
+            mask[i, T - len(p):] = True
+    return ids, mask
+
+
+def prefill(model, ids, mask, cache):
+    """ids, mask (B, T), left-padded prompts -> float32 logits (B, V) at the last position; fills the cache."""
+    last = torch.zeros_like(mask, dtype=torch.bool)
+    last[:, -1] = True
+    return model(ids, mask, cache, logits_at=last).float()
+
+
+def decode_step(model, token, cache):
+    """token (B, 1) -> float32 logits (B, V) of the next position. Static shapes, no host sync: compilable."""
+    return model(token, None, cache)[:, -1].float()
+
+
+@functools.cache
+def compiled_decode_step(device_type: str):
+    # CUDA: "reduce-overhead" replays the whole step as one CUDA graph (eager decoding is launch-bound).
+    # fullgraph: a graph break would mean a Python value crept into the step.
+    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None, fullgraph=True)
 
 
 def sample_next(logits, do_sample: bool, top_p: float, temperature: float, generators):
@@ -24,11 +67,13 @@ def sample_next(logits, do_sample: bool, top_p: float, temperature: float, gener
 
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int = 256, max_length: int | None = None,
-                 do_sample: bool = False, top_p: float = 0.7, temperature: float = 0.95, seeds=None):
+                 do_sample: bool = False, top_p: float = 0.7, temperature: float = 0.95, seeds=None,
+                 compiled: bool = False):
     """Token-id prompts (each ending [gMASK] <sop>) -> generated ids per prompt, in input order.
 
     A sequence ends at <eop> (kept as its last id) or after `max_new_tokens`, or when prompt +
     answer reach `max_length`. The batch stops as soon as every sequence has ended.
+    `compiled`: run the decode step through torch.compile (same tokens; faster where launches dominate).
     """
     cfg = model.config
     device = model.lm_head.weight.device
@@ -36,23 +81,17 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int = 256, max
     # each sequence may add up to its own cap: max_new_tokens, and max_length counting its own prompt
     caps = [max_new_tokens if max_length is None else max(0, min(max_new_tokens, max_length - len(p))) for p in prompts]
     new = max(caps)
-    ids = torch.full((B, T), cfg.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    for i, p in enumerate(prompts):  # left padding
-        ids[i, T - len(p):] = torch.tensor(p)
-        mask[i, T - len(p):] = True
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(device) for t in left_pad(prompts, cfg.pad_token_id))
     limit = torch.tensor(caps, device=device)  # (B,)
     seeds = list(range(B)) if seeds is None else seeds
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     cache = model.new_cache(B, T + new)
+    step_fn = compiled_decode_step(device.type) if compiled else decode_step
 
     out = torch.full((B, new), cfg.pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     done = limit <= 0
-    last = torch.zeros(B, T, dtype=torch.bool, device=device)
-    last[:, -1] = True
-    logits = model(ids, mask, cache, logits_at=last).float()  # prefill: (B, V)
+    logits = prefill(model, ids, mask, cache)  # (B, V)
     for step in range(new):
         nxt = sample_next(logits, do_sample, top_p, temperature, generators)  # (B,)
         out[:, step] = nxt
@@ -60,7 +99,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int = 256, max
         done = done | (nxt == cfg.eos_token_id) | (step + 1 >= limit)
         if bool(done.all()):
             break
-        logits = model(nxt[:, None], None, cache)[:, -1].float()  # decode one token: (B, V)
+        logits = step_fn(model, nxt[:, None], cache)  # (B, V)
     return [row[:n] for row, n in zip(out.tolist(), lengths.tolist())]
 
 
@@ -71,8 +110,3 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ma
     seeds = [sample_seed(seed, i) for i in range(len(prompts))]
     rows = generate_ids(model, ids, max_new_tokens, max_length, do_sample, top_p, temperature, seeds)
     return [tokenizer.decode([t for t in row if t != tokenizer.eop_id]) for row in rows]
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """The generator seed of sample `index` under run seed `seed`: one formula for generate and evaluate.py."""
-    return seed * 1_000_003 + index

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import (DEMO_DIR, DataError, build_eval_samples, build_prompt, build_train_samples, collate_generate,
+from data import (DEMO_DIR, DataError, build_eval_samples, build_prompt, build_train_samples,
                   collate_train, encode_prompt, encode_train, format_report, global_batches, load_records, rank_share)
 from model import load_tokenizer
 
@@ -122,12 +122,6 @@ def test_collate_train_right_pads_with_ignored_labels():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, -100, SOP, 20, EOP], [-100, SOP, EOP, -100, -100]]
     assert all(t.dtype == torch.long for t in batch.values())
-
-
-def test_collate_generate_left_pads():
-    ids, mask = collate_generate([[7, GMASK, SOP], [GMASK, SOP]], PAD)
-    assert ids.tolist() == [[7, GMASK, SOP], [PAD, GMASK, SOP]]
-    assert mask.tolist() == [[1, 1, 1], [0, 1, 1]] and ids.dtype == mask.dtype == torch.long
 
 
 # ---------------------------------------------------------------- batch planning

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from model import ChatGLMConfig, ChatGLMModel, generate, generate_ids, load_model, load_tokenizer, save_checkpoint
+from model import (ChatGLMConfig, ChatGLMModel, generate, generate_ids, left_pad, load_model, load_tokenizer,
+                   save_checkpoint)
 from files import write_json
 
 SMALL = ChatGLMConfig(vocab_size=300, hidden_size=64, num_layers=3, num_attention_heads=4, inner_hidden_size=160,
@@ -245,3 +246,10 @@ def test_generate_strings_on_tiny_preset():
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
     ids = generate_ids(model, [tok.encode("你好")], max_new_tokens=5)[0]
     assert out[0] == tok.decode([t for t in ids if t != tok.eop_id])
+
+
+def test_left_pad():
+    ids, mask = left_pad([[7, 8, 9], [8, 9], []], pad_id=3)
+    assert ids.tolist() == [[7, 8, 9], [3, 8, 9], [3, 3, 3]]
+    assert mask.tolist() == [[True] * 3, [False, True, True], [False] * 3]
+    assert ids.dtype == torch.long and mask.dtype == torch.bool
