@@ -64,11 +64,12 @@ PRESETS = {
     "chatglm-6b": {},
     # The built-in demo model. Its special-token ids are those of the bundled demo tokenizer
     # (data/demo/ice_text.model), whose pieces are laid out by data/demo/make_demo.py.
-    # Tied like ChatGLM-6B as the study loaded it, so that the demo (trained from scratch with --method full,
-    # then exported) runs the same one-matrix path as the 6B model.
+    # Untied: with random weights (tests, smoke runs) a tied model decodes greedily to one repeated token,
+    # since its hidden state stays close to the input embedding, which the tied output layer scores highest.
+    # The demo trains this preset from scratch (--method full) and exports it with this choice in config.json.
     "tiny": dict(vocab_size=4096, hidden_size=128, num_layers=6, num_attention_heads=4, inner_hidden_size=512,
                  max_sequence_length=1024, mask_token_id=4, gmask_token_id=5, bos_token_id=8, eos_token_id=9,
-                 pad_token_id=3, tie_word_embeddings=True),
+                 pad_token_id=3, tie_word_embeddings=False),
 }
 
 

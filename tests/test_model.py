@@ -8,9 +8,11 @@ import torch
 from model import ChatGLMConfig, ChatGLMModel, generate, generate_ids, load_model, load_tokenizer, save_checkpoint
 from files import write_json
 
+# Untied, like the tiny preset: a random tied model decodes greedily to one repeated token (model.chatglm.PRESETS).
 SMALL = ChatGLMConfig(vocab_size=300, hidden_size=64, num_layers=3, num_attention_heads=4, inner_hidden_size=160,
                       max_sequence_length=256, mask_token_id=250, gmask_token_id=251, bos_token_id=254,
-                      eos_token_id=255, pad_token_id=3)
+                      eos_token_id=255, pad_token_id=3, tie_word_embeddings=False)
+TIED = dataclasses.replace(SMALL, tie_word_embeddings=True)
 GMASK, SOP, EOP, PAD = 251, 254, 255, 3
 
 
@@ -110,11 +112,12 @@ def test_chatglm6b_preset_parameter_count_on_meta():
 def test_tied_by_default_and_a_stored_lm_head_must_equal_the_embedding(tmp_path):
     """config.json without tie_word_embeddings -> tied (transformers' default); the released layout stores
     lm_head.weight too: equal -> loads; different -> an error naming the file and the fix."""
-    assert ChatGLMConfig.from_name("tiny").tie_word_embeddings and ChatGLMConfig.from_name("chatglm-6b").tie_word_embeddings
-    sd = released_state_dict(small_model())
+    assert ChatGLMConfig().tie_word_embeddings and ChatGLMConfig.from_name("chatglm-6b").tie_word_embeddings
+    assert not ChatGLMConfig.from_name("tiny").tie_word_embeddings  # decided in PRESETS
+    sd = released_state_dict(ChatGLMModel(TIED).init_weights(0))
     d = write_bin_shards(sd, tmp_path / "equal", n_shards=2)
     raw = json.loads((d / "config.json").read_text())
-    del raw["tie_word_embeddings"]
+    del raw["tie_word_embeddings"]  # SMALL's false
     write_json(d / "config.json", raw)
     model = load_model(d)
     assert model.config.tie_word_embeddings
@@ -123,8 +126,9 @@ def test_tied_by_default_and_a_stored_lm_head_must_equal_the_embedding(tmp_path)
     assert "lm_head.weight" not in dict(model.named_parameters()) and "lm_head.weight" not in model.state_dict()
 
     sd["lm_head.weight"] = sd["lm_head.weight"] + 1
-    for n_shards in (1, 3):  # lm_head.weight read after / before the embedding
-        d = write_bin_shards(sd, tmp_path / f"different{n_shards}", n_shards=n_shards)
+    for order, stored in (("after", sd), ("before", {"lm_head.weight": sd["lm_head.weight"], **sd})):
+        d = write_bin_shards(stored, tmp_path / order, n_shards=2)  # lm_head.weight read after / before the embedding
+        write_json(d / "config.json", raw)
         with pytest.raises(ValueError, match=r"pytorch_model-.*\.bin: lm_head.weight and transformer.word_embeddings"
                                              r".weight hold different values.*\"tie_word_embeddings\": false in "
                                              r".*config.json"):
@@ -132,19 +136,18 @@ def test_tied_by_default_and_a_stored_lm_head_must_equal_the_embedding(tmp_path)
 
 
 def test_untied_config_keeps_two_matrices_and_saving_states_the_key(tmp_path):
-    untied = dataclasses.replace(SMALL, tie_word_embeddings=False)
-    model = ChatGLMModel(untied).init_weights(0, std=0.3)
+    model = ChatGLMModel(SMALL).init_weights(0, std=0.3)
     assert model.lm_head.weight is not model.transformer.word_embeddings.weight
     assert not torch.equal(model.lm_head.weight, model.transformer.word_embeddings.weight)
-    d = save_checkpoint(model.state_dict(), untied, tmp_path / "untied")
+    d = save_checkpoint(model.state_dict(), SMALL, tmp_path / "untied")
     assert json.loads((d / "config.json").read_text())["tie_word_embeddings"] is False
     loaded = load_model(d)
     assert not loaded.config.tie_word_embeddings
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
 
-    tied = small_model()
-    d = save_checkpoint(tied.state_dict(), SMALL, tmp_path / "tied")  # one matrix on disk
+    tied = ChatGLMModel(TIED).init_weights(0, std=0.3).eval()
+    d = save_checkpoint(tied.state_dict(), TIED, tmp_path / "tied")  # one matrix on disk
     assert json.loads((d / "config.json").read_text())["tie_word_embeddings"] is True
     assert "lm_head.weight" not in json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
     loaded = load_model(d)
