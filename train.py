@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -37,7 +36,7 @@ from runtime import DTYPES, all_gather, init_distributed, peak_memory_bytes
 from adapters import AdapterSpec, add_adapter_args, apply_adapter, trainable_report
 from data import (IGNORE, add_data_args, build_train_samples, collate_train, format_report, global_batches,
                   rank_share)
-from model import ATTENTION_KERNELS, ChatGLMModel, load_config, load_model, load_tokenizer
+from model import ATTENTION_KERNELS, ChatGLMModel, load_config, load_model, load_tokenizer, token_loss_sum
 
 OOM_HELP = ("out of memory. Knobs, cheapest first: a smaller --batch-size with a larger --grad-accum (same global "
             "batch), --grad-checkpointing, shorter --max-source-length / --max-target-length, --precision bf16, "
@@ -188,40 +187,6 @@ def checkpointed(forward):
     def run(*args, **kwargs):
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return run
-
-
-class TokenCrossEntropy(torch.autograd.Function):
-    """Sum of float32 cross-entropies of logits (N, V) against targets (N,), a chunk of rows at a time.
-
-    F.cross_entropy keeps an (N, V) float32 log-softmax for backward and builds two more (N, V) tensors
-    there; with the released vocabulary (130528) those dominate a LoRA step's memory. This keeps only
-    the logits (which exist anyway) and one log-sum-exp per row, and writes softmax - onehot once.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, rows: int = 256):
-        lse = torch.cat([c.float().logsumexp(dim=-1) for c in logits.split(rows)])  # (N,)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.rows = rows
-        return (lse - logits.gather(1, targets[:, None]).squeeze(1).float()).sum()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, targets, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for g, c, l in zip(grad.split(ctx.rows), logits.split(ctx.rows), lse.split(ctx.rows)):
-            g.copy_((c.float() - l[:, None]).exp_().mul_(grad_out))
-        grad[torch.arange(len(targets), device=grad.device), targets] -= grad_out.to(grad.dtype)
-        return grad, None, None
-
-
-def token_loss_sum(model, batch: dict, device) -> torch.Tensor:
-    """Sum of float32 cross-entropies of every label token. Position t predicts token t+1, so logits
-    are computed only at positions whose next label is not -100: (N, V), never (B, T, V) in float32."""
-    input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)  # (B, T)
-    follows = labels[:, 1:] != -100  # (B, T-1)
-    logits = model(input_ids, batch["attention_mask"].to(device), logits_at=F.pad(follows, (0, 1)))  # (N, V)
-    return TokenCrossEntropy.apply(logits, labels[:, 1:][follows])
 
 
 def sync_gradients(wrapped, last: bool, fsdp: bool):

@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from .loss import linear_cross_entropy
+
 
 @dataclass
 class ChatGLMConfig:
@@ -31,6 +33,11 @@ class ChatGLMConfig:
     pad_token_id: int = 3
     pre_seq_len: int | None = None  # P-Tuning v2 prefix length, set by adapters.ptuning
     prefix_projection: bool = False
+    # One matrix for the input embedding and the output layer. True when config.json lacks the key, as in
+    # transformers, which the study ran: the released config lacks it, so the study's ChatGLM-6B projected
+    # with its embedding matrix (6,173,286,400 parameters, not 6,707,929,088; see model.loader for a stored
+    # lm_head.weight).
+    tie_word_embeddings: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -59,9 +66,12 @@ PRESETS = {
     "chatglm-6b": {},
     # The built-in demo model. Its special-token ids are those of the bundled demo tokenizer
     # (data/demo/ice_text.model), whose pieces are laid out by data/demo/make_demo.py.
+    # Untied: with random weights (tests, smoke runs) a tied model decodes greedily to one repeated token,
+    # since its hidden state stays close to the input embedding, which the tied output layer scores highest.
+    # The demo trains this preset from scratch (--method full) and exports it with this choice in config.json.
     "tiny": dict(vocab_size=4096, hidden_size=128, num_layers=6, num_attention_heads=4, inner_hidden_size=512,
                  max_sequence_length=1024, mask_token_id=4, gmask_token_id=5, bos_token_id=8, eos_token_id=9,
-                 pad_token_id=3),
+                 pad_token_id=3, tie_word_embeddings=False),
     # ChatGLM-6B's depth, vocabulary and head size at a width a CPU runs: benchmarks of per-layer and
     # per-step overheads (kernel launches, Python) that a narrow 6-layer model would hide.
     "proxy-28": dict(hidden_size=256, num_attention_heads=2, inner_hidden_size=1024),
@@ -341,20 +351,47 @@ class Transformer(nn.Module):
         return self.final_layernorm(x)
 
 
+class TiedLMHead(nn.Module):
+    """The output layer of a tied model: the word embedding's own Parameter, looked up at each call.
+
+    Assigning one Parameter to two modules (transformers' way) comes apart under `to_empty`,
+    `load_state_dict(assign=True)` and FSDP2 sharding, which replace Parameters module by module; a
+    lookup cannot. The matrix is registered once, as `transformer.word_embeddings.weight`.
+    """
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # a plain reference, not a submodule
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.embedding.weight
+
+    def forward(self, h):
+        return F.linear(h, self.weight)
+
+
 class ChatGLMModel(nn.Module):
     def __init__(self, config: ChatGLMConfig):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # not tied
+        if config.tie_word_embeddings:
+            self.lm_head = TiedLMHead(self.transformer.word_embeddings)
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, logits_at=None):
-        """-> logits (B, T, V); with `logits_at` (B, T) bool, only the selected positions: (N, V) in row order.
-
-        Selecting positions first is how training avoids (B, T, V) logits and how generation
-        projects only each sequence's last position.
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, logits_at=None, targets=None):
+        """input_ids, attention_mask (B, T) -> logits (B, T, V), or with one of
+        - `logits_at` (B, T) bool: the logits of the selected positions only, (N, V) in row order (generation
+          projects each sequence's last position);
+        - `targets` (B, T) long: the id each position must predict, IGNORE (-100) where none: the training
+          loss, the SUM over positions with a target of float32 natural-log cross-entropies, a scalar. The
+          output layer and the loss run fused by chunks of rows (model.loss): no (N, V) tensor is ever whole.
         """
         h = self.transformer(input_ids, attention_mask, cache)  # (B, T, H)
+        if targets is not None:
+            return linear_cross_entropy(h, self.lm_head.weight, targets)
         if logits_at is not None:
             h = h[logits_at]  # (N, H)
         return self.lm_head(h)

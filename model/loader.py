@@ -18,6 +18,7 @@ from .chatglm import PRESETS, ChatGLMConfig, ChatGLMModel
 from .tokenizer import tokenizer_config_json
 
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # recomputed (chatglm.rotary_inv_freq)
+TIED = {"lm_head.weight": "transformer.word_embeddings.weight"}  # stored key -> the one matrix, when tied
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -53,34 +54,49 @@ def read_shard(file: Path) -> dict[str, torch.Tensor]:
                          "Re-download the file (compare its size with the index) or re-save the checkpoint.") from e
 
 
-def load_state_dict_into(model: torch.nn.Module, files: list[Path], strict: bool = True) -> set[str]:
+def load_state_dict_into(model: ChatGLMModel, files: list[Path], strict: bool = True) -> set[str]:
     """Copy shards into an allocated model key by key. Returns the keys loaded.
 
-    Missing keys, unexpected keys and shape mismatches are errors that name the file and the keys.
+    Missing keys, unexpected keys and shape mismatches are errors that name the file and the keys. A tied
+    model (config.tie_word_embeddings) has one matrix for both keys of TIED; a checkpoint may store both
+    (the released one does) when they hold the same values.
     """
     params = dict(model.named_parameters())
+    alias = TIED if model.config.tie_word_embeddings else {}
     loaded = set()
     for file in files:
         shard = read_shard(file)
-        unexpected = [k for k in shard if k not in params and not k.endswith(IGNORED_SUFFIXES)]
+        unexpected = [k for k in shard if alias.get(k, k) not in params and not k.endswith(IGNORED_SUFFIXES)]
         if unexpected and strict:
             raise ValueError(f"{file}: keys the model does not have: {unexpected[:8]}"
                              f"{' ...' if len(unexpected) > 8 else ''}; is this a ChatGLM-6B checkpoint?")
         with torch.no_grad():
             for k, t in shard.items():
-                if k not in params:
+                name = alias.get(k, k)
+                if name not in params:
                     continue
-                if tuple(t.shape) != tuple(params[k].shape):
+                if tuple(t.shape) != tuple(params[name].shape):
                     raise ValueError(f"{file}: {k} has shape {tuple(t.shape)}, the model expects "
-                                     f"{tuple(params[k].shape)}; config.json does not match these weights")
-                params[k].copy_(t)
-                loaded.add(k)
+                                     f"{tuple(params[name].shape)}; config.json does not match these weights")
+                if name in loaded:  # the second of two tied keys: the matrix is already there
+                    check_tied(params[name], t, file)
+                    continue
+                params[name].copy_(t)
+                loaded.add(name)
         del shard
     missing = sorted(set(params) - loaded)
     if missing and strict:
         raise ValueError(f"{files[0].parent}: keys missing from the checkpoint: {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}")
     return loaded
+
+
+def check_tied(param: torch.Tensor, stored: torch.Tensor, file: Path):
+    if not torch.equal(param, stored.to(param.device, param.dtype)):
+        raise ValueError(f"{file}: {' and '.join(*TIED.items())} hold different values, but the model ties them "
+                         "(tie_word_embeddings is true, also when config.json does not set it, as in transformers). "
+                         "To load two separate matrices, set \"tie_word_embeddings\": false in "
+                         f"{file.parent / 'config.json'}")
 
 
 def load_config(path_or_preset) -> ChatGLMConfig:

@@ -14,9 +14,10 @@ from adapters.export import main as export_main
 from model import ChatGLMConfig, ChatGLMModel, generate_ids, load_model, save_checkpoint
 from files import write_json
 
+# Untied, like the tiny preset: a random tied model decodes greedily to one repeated token (model.chatglm.PRESETS).
 SMALL = ChatGLMConfig(vocab_size=300, hidden_size=64, num_layers=4, num_attention_heads=4, inner_hidden_size=160,
                       max_sequence_length=256, mask_token_id=250, gmask_token_id=251, bos_token_id=254,
-                      eos_token_id=255, pad_token_id=3)
+                      eos_token_id=255, pad_token_id=3, tie_word_embeddings=False)
 GMASK, SOP, EOP, PAD = 251, 254, 255, 3
 
 # One entry per setting worth testing; every method of adapters.dispatch.METHODS needs at least one: the

@@ -1,4 +1,5 @@
 """The network, loader, tokenizer and generation on small random checkpoints in the released layout."""
+import dataclasses
 import json
 
 import pytest
@@ -8,9 +9,11 @@ from model import (ChatGLMConfig, ChatGLMModel, generate, generate_ids, left_pad
                    save_checkpoint)
 from files import write_json
 
+# Untied, like the tiny preset: a random tied model decodes greedily to one repeated token (model.chatglm.PRESETS).
 SMALL = ChatGLMConfig(vocab_size=300, hidden_size=64, num_layers=3, num_attention_heads=4, inner_hidden_size=160,
                       max_sequence_length=256, mask_token_id=250, gmask_token_id=251, bos_token_id=254,
-                      eos_token_id=255, pad_token_id=3)
+                      eos_token_id=255, pad_token_id=3, tie_word_embeddings=False)
+TIED = dataclasses.replace(SMALL, tie_word_embeddings=True)
 GMASK, SOP, EOP, PAD = 251, 254, 255, 3
 
 
@@ -19,8 +22,10 @@ def small_model(seed=0, std=0.3):
 
 
 def released_state_dict(model):
-    """Our state dict plus the buffers the released checkpoint also stores, in fp16 like the release."""
+    """Our state dict plus what the released checkpoint also stores, in fp16 like the release: the rotary
+    buffers and, for a tied model, the output matrix a second time under lm_head.weight."""
     sd = {k: v.half() for k, v in model.state_dict().items()}
+    sd.setdefault("lm_head.weight", sd["transformer.word_embeddings.weight"].clone())
     d = SMALL.head_dim // 2
     for i in range(SMALL.num_layers):
         sd[f"transformer.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(d // 2).half()
@@ -93,13 +98,62 @@ def test_loader_errors_name_file_and_keys(tmp_path):
 
 
 def test_chatglm6b_preset_parameter_count_on_meta():
-    cfg = ChatGLMConfig.from_name("chatglm-6b")
-    with torch.device("meta"):
-        model = ChatGLMModel(cfg)
+    """Tied (the preset, as transformers loads the release): one V x H matrix; untied: two."""
     H, F, V, L = 4096, 16384, 130528, 28
     per_layer = 4 * H + (3 * H * H + 3 * H) + (H * H + H) + (F * H + F) + (H * F + H)
-    expected = 2 * V * H + L * per_layer + 2 * H
-    assert sum(p.numel() for p in model.parameters()) == expected == 6_707_929_088
+    for tied, matrices, expected in ((True, 1, 6_173_286_400), (False, 2, 6_707_929_088)):
+        cfg = ChatGLMConfig.from_name("chatglm-6b")
+        cfg.tie_word_embeddings = tied
+        with torch.device("meta"):
+            model = ChatGLMModel(cfg)
+        assert sum(p.numel() for p in model.parameters()) == matrices * V * H + L * per_layer + 2 * H == expected
+        assert (model.lm_head.weight is model.transformer.word_embeddings.weight) == tied
+
+
+def test_tied_by_default_and_a_stored_lm_head_must_equal_the_embedding(tmp_path):
+    """config.json without tie_word_embeddings -> tied (transformers' default); the released layout stores
+    lm_head.weight too: equal -> loads; different -> an error naming the file and the fix."""
+    assert ChatGLMConfig().tie_word_embeddings and ChatGLMConfig.from_name("chatglm-6b").tie_word_embeddings
+    assert not ChatGLMConfig.from_name("tiny").tie_word_embeddings  # decided in PRESETS
+    sd = released_state_dict(ChatGLMModel(TIED).init_weights(0))
+    d = write_bin_shards(sd, tmp_path / "equal", n_shards=2)
+    raw = json.loads((d / "config.json").read_text())
+    del raw["tie_word_embeddings"]  # SMALL's false
+    write_json(d / "config.json", raw)
+    model = load_model(d)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight
+    assert torch.equal(model.lm_head.weight, sd["lm_head.weight"].float())
+    assert "lm_head.weight" not in dict(model.named_parameters()) and "lm_head.weight" not in model.state_dict()
+
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 1
+    for order, stored in (("after", sd), ("before", {"lm_head.weight": sd["lm_head.weight"], **sd})):
+        d = write_bin_shards(stored, tmp_path / order, n_shards=2)  # lm_head.weight read after / before the embedding
+        write_json(d / "config.json", raw)
+        with pytest.raises(ValueError, match=r"pytorch_model-.*\.bin: lm_head.weight and transformer.word_embeddings"
+                                             r".weight hold different values.*\"tie_word_embeddings\": false in "
+                                             r".*config.json"):
+            load_model(d)
+
+
+def test_untied_config_keeps_two_matrices_and_saving_states_the_key(tmp_path):
+    model = ChatGLMModel(SMALL).init_weights(0, std=0.3)
+    assert model.lm_head.weight is not model.transformer.word_embeddings.weight
+    assert not torch.equal(model.lm_head.weight, model.transformer.word_embeddings.weight)
+    d = save_checkpoint(model.state_dict(), SMALL, tmp_path / "untied")
+    assert json.loads((d / "config.json").read_text())["tie_word_embeddings"] is False
+    loaded = load_model(d)
+    assert not loaded.config.tie_word_embeddings
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+    tied = ChatGLMModel(TIED).init_weights(0, std=0.3).eval()
+    d = save_checkpoint(tied.state_dict(), TIED, tmp_path / "tied")  # one matrix on disk
+    assert json.loads((d / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    loaded = load_model(d)
+    assert torch.equal(loaded.lm_head.weight, tied.lm_head.weight)
+    torch.testing.assert_close(loaded(torch.tensor([prompt(10, 11)])), tied(torch.tensor([prompt(10, 11)])))
 
 
 # ---------------------------------------------------------------- forward semantics

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 import train
 import rundir
-from adapters import AdapterSpec, apply_adapter
+from adapters import AdapterSpec, apply_adapter, load_adapter
 from data import DEMO_DIR, build_train_samples, collate_train
-from model import load_model, load_tokenizer
+from model import ChatGLMConfig, ChatGLMModel, load_model, load_tokenizer, save_checkpoint
+from model.tokenizer import DEMO_TOKENIZER
 
 REPO = Path(__file__).resolve().parents[1]
 # Short samples from the start of the demo role-play set: a step takes milliseconds.
@@ -128,6 +129,47 @@ def test_two_ranks_equal_one_process(tmp_path, dist):
         torchrun(2, *common, "--batch-size", 2, "--dist", dist, "--output-dir", tmp_path / "two", "--resume")
         resumed = adapter(tmp_path / "two")
         assert all(torch.equal(two[k], resumed[k]) for k in two)
+
+
+# ---------------------------------------------------------------- one output matrix (tie_word_embeddings)
+
+def tied_tiny(path) -> Path:
+    """The tiny preset with one matrix for the embedding and the output layer, as a checkpoint directory."""
+    config = ChatGLMConfig.from_name("tiny")
+    config.tie_word_embeddings = True
+    model = ChatGLMModel(config).init_weights(0)
+    return save_checkpoint(model.state_dict(), config, path, tokenizer_file=DEMO_TOKENIZER)
+
+
+def test_full_fine_tuning_trains_the_one_tied_matrix(tmp_path):
+    base = tied_tiny(tmp_path / "base")
+    run_train("--model", base, "--method", "full", "--lr", 3e-3, "--max-steps", 3, "--batch-size", 4,
+              "--save-steps", 0, "--output-dir", tmp_path / "run")
+    trained = adapter(tmp_path / "run")
+    assert "lm_head.weight" not in trained and "transformer.word_embeddings.weight" in trained
+    before = load_model(base)
+    assert (trained["transformer.word_embeddings.weight"] - before.lm_head.weight).abs().max() > 1e-3
+    model = load_model(base)
+    load_adapter(model, tmp_path / "run")
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight
+    assert torch.equal(model.lm_head.weight, trained["transformer.word_embeddings.weight"])
+    assert json.loads((tmp_path / "run" / "train_results.json").read_text())["trainable_params"] == sum(
+        p.numel() for p in before.parameters())  # the tied matrix counted once
+
+
+@pytest.mark.parametrize("dist", ["ddp", "fsdp"])
+def test_full_fine_tuning_of_a_tied_model_on_two_ranks_equals_one_process(tmp_path, dist):
+    """The tied matrix gets the gradient of both its uses, reduced over ranks like any other (FSDP2: sharded)."""
+    base = tied_tiny(tmp_path / "base")
+    common = ["--model", base, "--method", "full", "--lr", 3e-3, "--max-steps", 3, "--save-steps", 0,
+              "--max-samples", 16]
+    run_train(*common, "--batch-size", 4, "--output-dir", tmp_path / "one")
+    torchrun(2, *common, "--batch-size", 2, "--dist", dist, "--output-dir", tmp_path / "two")
+    one, two = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert one.keys() == two.keys() and "lm_head.weight" not in one
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    emb = "transformer.word_embeddings.weight"
+    assert (one[emb] - load_model(base).transformer.word_embeddings.weight).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------- exact resume
