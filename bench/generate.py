@@ -11,7 +11,6 @@ Prompts are random ids ending [gMASK] <sop>; decoding is greedy and runs every s
 so each measurement covers exactly batch x new-tokens generated tokens.
 """
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import ATTENTION_KERNELS, compiled_decode_step, decode_step, generate_ids, load_model, prefill  # noqa: E402
-from runtime import DTYPES  # noqa: E402
+from files import write_json  # noqa: E402
+from runtime import DTYPES, peak_memory_bytes  # noqa: E402
 
 
 def random_prompts(config, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -37,9 +37,8 @@ def sync(device):
 
 
 def peak_memory(device) -> str:
-    if device.type == "cuda":
-        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-    return f"peak process RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    where = "GPU memory" if device.type == "cuda" else "process RSS"
+    return f"peak {where} {peak_memory_bytes(device) / 2**30:.2f} GiB"
 
 
 @torch.no_grad()
@@ -88,6 +87,14 @@ def naive_generate(model, prompt: list[int], new_tokens: int, eos: int) -> list[
     return out
 
 
+def weight_bytes_per_step(model) -> int:
+    """Bytes every decode step must read: each weight once; the embedding table only as the output matrix
+    (a lookup reads B rows), so an untied embedding does not count."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb, out = model.transformer.word_embeddings.weight, model.lm_head.weight
+    return total - (0 if emb is out else emb.numel() * emb.element_size())
+
+
 def speed(args):
     device = torch.device(args.device)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=device).eval()
@@ -98,6 +105,8 @@ def speed(args):
     T, N = args.prompt_len, args.new_tokens
     where = f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
     print(f"model {args.model} ({args.dtype}, {where}, {args.attention}) prompt {T}, new tokens {N}")
+    record = {"model": args.model, "dtype": args.dtype, "attention": args.attention, "prompt_len": T,
+              "new_tokens": N, "weight_bytes_per_step": weight_bytes_per_step(model), "runs": []}
     for B in args.batch_size:
         prompts = random_prompts(model.config, B, T)
         tokens = {}
@@ -110,10 +119,17 @@ def speed(args):
             print(f"batch {B:3d} {name:8s} prefill {B * T / prefill_s:10,.0f} tokens/s ({prefill_s * 1000:.1f} ms); "
                   f"decode {B * N / decode_s:9,.0f} tokens/s ({decode_s / N * 1000:.2f} ms per step); "
                   f"{peak_memory(device)}")
+            record["runs"].append({"batch": B, "mode": name, "prefill_tokens_per_s": B * T / prefill_s,
+                                   "decode_tokens_per_s": B * N / decode_s, "decode_step_ms": decode_s / N * 1000,
+                                   "peak_gib": peak_memory_bytes(device) / 2**30})
             if args.profile:
                 print_kernels(model, prompts, N, device, step)
         if args.compile:
-            print(f"batch {B:3d} compiled greedy tokens identical to eager: {tokens['compiled'] == tokens['eager']}")
+            same = tokens["compiled"] == tokens["eager"]
+            print(f"batch {B:3d} compiled greedy tokens identical to eager: {same}")
+            record["runs"][-1]["tokens_identical_to_eager"] = same
+        if args.json:  # rewritten after every batch size: what finished survives a time limit
+            write_json(args.json, record)
 
 
 def compare(args):
@@ -149,6 +165,7 @@ def main():
     p.add_argument("--compile", action="store_true",
                    help="also time the compiled decode step (CUDA graphs on CUDA) and compare its tokens with eager")
     p.add_argument("--profile", action="store_true", help="print the top operators and kernels of each run")
+    p.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     p.add_argument("--compare", action="store_true",
                    help="CPU, fp32: 64 prompts batched with the KV cache vs one at a time without a cache")
     args = p.parse_args()

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402  (the training loop's step and set-up)
+from files import write_json  # noqa: E402
 from runtime import DTYPES, peak_memory_bytes  # noqa: E402
 from adapters import AdapterSpec, add_adapter_args, apply_adapter  # noqa: E402
 from data import IGNORE  # noqa: E402
@@ -61,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa", help="attention kernel (FlexAttention: GPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU peak bf16 dense TFLOP/s (default: by name)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     return p.parse_args(argv)
 
 
@@ -109,15 +111,13 @@ def step(s, micro, max_grad_norm: float):
     train.optimizer_step(s, max_grad_norm)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def setup(args, device):
+    """Random weights, the adapter, and train.py's own optimizer set-up -> (model, spec, lowest, setup, micro)."""
     config = model_config(args)
     torch.manual_seed(args.seed)
     with torch.device("meta"):
         model = ChatGLMModel(config)
-    dtype = DTYPES[args.precision]
-    model = model.to(dtype).to_empty(device=device).init_weights(args.seed)
+    model = model.to(DTYPES[args.precision]).to_empty(device=device).init_weights(args.seed)
     model.transformer.attention = args.attention
     spec = AdapterSpec.from_args(args, config.num_layers)
     apply_adapter(model, spec)
@@ -128,42 +128,57 @@ def main(argv=None):
     s = train.make_setup(model, targs, args.warmup + args.steps, rank=0, world=1, device=device)
     batch = random_batch(config, args.batch_size, args.seq_len, torch.Generator().manual_seed(args.seed))
     micro = [(batch, 1 / (batch["labels"][:, 1:] != IGNORE).sum().item())]  # the loss: mean over label tokens
+    return model, spec, lowest, s, micro, targs.max_grad_norm
 
-    for _ in range(args.warmup):
-        step(s, micro, targs.max_grad_norm)
+
+def timed_steps(s, micro, max_grad_norm: float, warmup: int, steps: int, device) -> list[float]:
+    """Seconds of each of `steps` optimizer steps after `warmup` untimed ones; peak memory counts the timed ones."""
+    for _ in range(warmup):
+        step(s, micro, max_grad_norm)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(args.steps):
+    for _ in range(steps):
         t0 = time.perf_counter()
-        step(s, micro, targs.max_grad_norm)
+        step(s, micro, max_grad_norm)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    return times
 
-    mean = statistics.mean(times)
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model, spec, lowest, s, micro, max_grad_norm = setup(args, device)
+    times = timed_steps(s, micro, max_grad_norm, args.warmup, args.steps, device)
+    config, mean = model.config, statistics.mean(times)
     tokens = args.batch_size * args.seq_len
     flops = step_flops(model, config, args.batch_size, args.seq_len, lowest)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    record = {"device": name, "spec": spec.to_dict(), "attention": args.attention, "precision": args.precision,
+              "batch": args.batch_size, "seq_len": args.seq_len, "step_ms": mean * 1e3, "min_step_ms": min(times) * 1e3,
+              "tokens_per_s": tokens / mean, "peak_gib": peak_memory_bytes(device) / 2**30, "gflop_per_step": flops / 1e9,
+              "mfu": flops / mean / (peak * 1e12) if device.type == "cuda" and peak else None}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: hidden {config.hidden_size}, {config.num_layers} layers, {config.num_attention_heads} heads, "
           f"inner {config.inner_hidden_size}, vocab {config.vocab_size} ({n_params / 1e6:.1f}M params); "
-          f"{spec.to_dict()}; lowest trainable layer {lowest}")
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "
-          f"({torch.get_num_threads()} threads), {args.precision}, batch {args.batch_size} x {args.seq_len} tokens"
-          f"{', grad checkpointing' if args.grad_checkpointing else ''}{', compiled' if args.compile else ''}")
+          f"{spec.to_dict()}; lowest trainable layer {lowest}; attention {args.attention}")
+    print(f"device: {name} ({torch.get_num_threads()} threads), {args.precision}, batch {args.batch_size} x "
+          f"{args.seq_len} tokens{', grad checkpointing' if args.grad_checkpointing else ''}"
+          f"{', compiled' if args.compile else ''}")
     print(f"step time: {mean * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, {args.steps} steps after {args.warmup} warmup)")
     print(f"tokens/s: {tokens / mean:.0f}")
-    print(f"peak memory: {peak_memory_bytes(device) / 2**30:.2f} GiB "
+    print(f"peak memory: {record['peak_gib']:.2f} GiB "
           f"({'CUDA max allocated' if device.type == 'cuda' else 'process max RSS, VmHWM'})")
     print(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP -> {flops / mean / 1e9:.1f} GFLOP/s")
     if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        if peak is None:
-            print(f"MFU: unknown peak for {name}; pass --peak-tflops")
-        else:
-            print(f"MFU: {100 * flops / mean / (peak * 1e12):.1f}% of {peak:.0f} TFLOP/s")
+        print(f"MFU: {100 * record['mfu']:.1f}% of {peak:.0f} TFLOP/s" if peak else
+              f"MFU: unknown peak for {name}; pass --peak-tflops")
+    if args.json:
+        write_json(args.json, record)
 
 
 if __name__ == "__main__":
