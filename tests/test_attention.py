@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapters.ptuning import apply_ptuning
-from model import ChatGLMConfig, ChatGLMModel, generate_ids, load_model
+from model import ChatGLMConfig, ChatGLMModel, generate_ids, left_pad, load_model
 from model.generate import decode_step, prefill
 
 # Uncompiled FlexAttention runs its unfused reference implementation (and says so once).
@@ -26,16 +26,6 @@ def small_model(prefix: int = 0):
     return model
 
 
-def left_padded(seqs):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), PAD)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = True
-    return ids, mask
-
-
 SEQS = [[10, 11, 12, 13, 14, GMASK, SOP, 30, 31], [40, GMASK, SOP, 50, 51, 52], [60, 61, 62, GMASK, SOP]]
 
 
@@ -51,7 +41,7 @@ def with_kernel(model, kernel, *args, **kwargs):
 @torch.no_grad()
 def test_flex_forward_equals_sdpa(case):
     model = small_model(prefix=3 if case == "prefix" else 0)
-    ids, mask = left_padded(SEQS[:1] if case == "single" else SEQS)
+    ids, mask = left_pad(SEQS[:1] if case == "single" else SEQS, PAD)
     sdpa = model(ids, mask)
     flex = with_kernel(model, "flex", ids, mask)
     assert (flex - sdpa).abs().max() < 1e-5  # measured: 9.5e-7
@@ -69,7 +59,7 @@ def test_unknown_attention_kernel_is_an_error():
 @torch.no_grad()
 def test_flex_cached_decode_equals_sdpa_and_recomputation(prefix):
     model = small_model(prefix)
-    ids, mask = left_padded(SEQS)
+    ids, mask = left_pad(SEQS, PAD)
     answer = torch.tensor([[70, 71, 72, 73], [80, 81, 82, 83], [90, 91, 92, 93]])
     full = model(torch.cat([ids, answer], 1), torch.cat([mask, torch.ones_like(answer, dtype=torch.bool)], 1))
     T = ids.shape[1]
@@ -88,7 +78,7 @@ def test_flex_cached_decode_equals_sdpa_and_recomputation(prefix):
 def test_flex_training_gradients_equal_sdpa():
     model = small_model(prefix=3).cuda().train()
     model.transformer.prefix_encoder.dropout.p = 0.0  # the same prefix for both kernels
-    ids, mask = (t.cuda() for t in left_padded(SEQS))
+    ids, mask = (t.cuda() for t in left_pad(SEQS, PAD))
     grads = {}
     for kernel in ("sdpa", "flex"):
         model.zero_grad()

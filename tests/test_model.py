@@ -173,20 +173,10 @@ def test_prompt_is_bidirectional_and_answer_is_causal():
     assert (diff[:t] == 0).all() and (diff[t:] > 1e-4).all()
 
 
-def left_padded(seqs):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), PAD)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = 1
-    return ids, mask
-
-
 def test_left_padded_batch_equals_each_sequence_alone():
     model = small_model()
     seqs = [prompt(10, 11, 12, 13, 14) + [30, 31], prompt(40) + [50, 51, 52], prompt(60, 61, 62)]
-    ids, mask = left_padded(seqs)
+    ids, mask = left_pad(seqs, PAD)
     batch = model(ids, mask)
     for i, s in enumerate(seqs):
         alone = model(torch.tensor([s]))[0]
@@ -197,7 +187,7 @@ def test_cached_decoding_equals_full_recomputation_with_padding():
     model = small_model()
     seqs = [prompt(10, 11, 12, 13, 14), prompt(40)]
     answer = torch.tensor([[30, 31, 32], [50, 51, 52]])
-    ids, mask = left_padded(seqs)
+    ids, mask = left_pad(seqs, PAD)
     full = model(torch.cat([ids, answer], 1), torch.cat([mask, torch.ones_like(answer)], 1))
     cache = model.new_cache(2, ids.shape[1] + 3)
     steps = [model(ids, mask, cache)[:, -1]]

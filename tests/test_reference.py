@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from adapters import AdapterSpec, apply_adapter
 from files import write_json
-from model import ChatGLMConfig, generate_ids, load_model, load_tokenizer
+from model import ChatGLMConfig, generate_ids, left_pad, load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "reference" / "chatglm_tiny.json"
@@ -173,16 +173,6 @@ def assert_matches(logits, ref, projection, what):
     return d
 
 
-def left_padded(seqs, pad):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = 1
-    return ids, mask
-
-
 # ---------------------------------------------------------------- the tests
 
 def test_seeded_checkpoint_is_the_one_the_reference_saw():
@@ -207,7 +197,7 @@ def test_logits_left_padded_batch(base, projection):
     # real token. (A uniform shift of a row's positions is invisible here, rotary being relative; an answer
     # position shifted against the prompt's is not. The P-Tuning test sees absolute positions.)
     ref = REF["padded"]
-    ids, mask = left_padded(ref["seqs"], CONFIG.pad_token_id)
+    ids, mask = left_pad(ref["seqs"], CONFIG.pad_token_id)
     logits = base(ids, mask)
     T = ids.shape[1]
     for i, s in enumerate(ref["seqs"]):
@@ -285,7 +275,7 @@ def test_ptuning_logits_and_greedy(checkpoint, projection, variant):
         assert_matches(model(torch.tensor([REF["single"]["short"]["ids"]]))[0], ref["short"], projection,
                        f"P-Tuning ({variant}), single sequence")
         seqs = REF["padded"]["seqs"][:2]
-        ids, mask = left_padded(seqs, CONFIG.pad_token_id)
+        ids, mask = left_pad(seqs, CONFIG.pad_token_id)
         logits = model(ids, mask)
         for i, s in enumerate(seqs):
             assert_matches(logits[i, ids.shape[1] - len(s):], ref["padded"][i], projection,
