@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="train.py --compile: torch.compile each block")
     p.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa", help="attention kernel (FlexAttention: GPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU peak bf16 dense TFLOP/s (default: by name)")
     p.add_argument("--seed", type=int, default=0)
