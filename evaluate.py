@@ -92,8 +92,9 @@ def file_sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------- generation
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How answers are generated, built once from the flags. Everything but the batch size is what the
-    predictions depend on: metrics.json records it (in this order) and a resume must match it."""
+    """How answers are generated, built once from the flags. `record()` (all but the batch size, the kernel
+    and compilation, which change only the speed) is what the predictions depend on: metrics.json records
+    it, in this order, and a resume must match it."""
     do_sample: bool  # False: greedy
     top_p: float
     temperature: float

@@ -82,7 +82,8 @@ def parse_args(argv=None):
     g.add_argument("--dist-timeout", type=float, default=30, help="minutes a collective may wait for a hung rank")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute trainable blocks in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block (on a GPU: +20%% tokens/s)")
-    g.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa", help="attention kernel (FlexAttention: GPU)")
+    g.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa",
+                   help="attention kernel (FlexAttention trains on a GPU only)")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="outputs/train", help="the run directory (adapter, logs, checkpoints)")
     g.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (and at the end); 0: end only")

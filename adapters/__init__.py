@@ -14,6 +14,6 @@ from .layers import parse_layers
 from .lora import LoRALinear, merge_lora
 from .ptuning import PrefixEncoder
 
-__all__ = ["METHODS", "AdapterSpec", "LoRALinear", "PrefixEncoder", "add_adapter_args", "apply_adapter", "attach_adapter",
-           "base_model_id", "copy_weights", "export_merged", "load_adapter", "merge_lora", "parse_layers",
-           "read_adapter", "save_adapter", "trainable_report", "trainable_state_dict"]
+__all__ = ["METHODS", "AdapterSpec", "LoRALinear", "PrefixEncoder", "add_adapter_args", "apply_adapter",
+           "attach_adapter", "base_model_id", "copy_weights", "export_merged", "load_adapter", "merge_lora",
+           "parse_layers", "read_adapter", "save_adapter", "trainable_report", "trainable_state_dict"]

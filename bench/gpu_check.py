@@ -18,6 +18,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,11 +38,15 @@ BATCHES = ("1", "8", "32")
 
 def run_bench(script: str, argv: list[str], timeout: float) -> dict:
     """One benchmark process -> its JSON record, or {"error": ...} with the last line it printed."""
-    out = Path(f"/tmp/gpu_check_{time.monotonic_ns()}.json")
-    cmd = [sys.executable, str(ROOT / "bench" / script), *argv, "--json", str(out)]
-    print("$", " ".join(cmd[1:]), flush=True)
     if timeout < 20:
         return {"error": "skipped: the check's time budget is spent"}
+    with tempfile.TemporaryDirectory() as tmp:
+        return bench_process(script, argv, Path(tmp) / "record.json", timeout)
+
+
+def bench_process(script: str, argv: list[str], out: Path, timeout: float) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / script), *argv, "--json", str(out)]
+    print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -112,7 +117,8 @@ def markdown(result: dict) -> str:
                      f"{r['peak_gib']:.2f} GiB |")
     if "error" in gen:
         lines.append(f"| generation stopped: {gen['error']} | | | | | | |")
-    lines += ["", "| attention | CUDA kernels of the attention (2-layer model, 6B width, batch 8 x 512) |", "| --- | --- |"]
+    lines += ["", "| attention | CUDA kernels of the attention (2-layer model, 6B width, batch 8 x 512) |",
+              "| --- | --- |"]
     lines += [f"| {att} | {', '.join(f'`{k[:70]}`' for k in ks) if isinstance(ks, list) else ks} |"
               for att, ks in result["kernels"].items()]
     return "\n".join(lines) + "\n"

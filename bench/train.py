@@ -37,15 +37,16 @@ from files import write_json  # noqa: E402
 from runtime import DTYPES, peak_memory_bytes  # noqa: E402
 from adapters import AdapterSpec, add_adapter_args, apply_adapter  # noqa: E402
 from data import IGNORE  # noqa: E402
-from model import ATTENTION_KERNELS, PRESETS, ChatGLMConfig, ChatGLMModel  # noqa: E402
+from model import ATTENTION_KERNELS, PRESETS, ChatGLMConfig, ChatGLMModel, load_config  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help=f"a preset ({', '.join(sorted(PRESETS))}); default: the custom "
-                                                 "config of --hidden etc. with the released vocabulary")
+    p.add_argument("--model", default=None,
+                   help=f"a preset ({', '.join(sorted(PRESETS))}) or a checkpoint directory (its config; random "
+                        "weights); default: the custom config of --hidden etc. with the released vocabulary")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=16)
@@ -59,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="train.py --compile: torch.compile each block")
-    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa", help="attention kernel (FlexAttention: GPU)")
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa",
+                   help="attention kernel (FlexAttention trains on a GPU only)")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU peak bf16 dense TFLOP/s (default: by name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the measurements to this JSON file")
@@ -68,7 +70,7 @@ def parse_args(argv=None):
 
 def model_config(args) -> ChatGLMConfig:
     if args.model:
-        return ChatGLMConfig.from_name(args.model)
+        return load_config(args.model)
     base = ChatGLMConfig()  # the released special-token ids go with the released vocabulary
     return ChatGLMConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.num_layers,
                          num_attention_heads=args.heads, inner_hidden_size=args.inner or 4 * args.hidden,
@@ -160,7 +162,8 @@ def main(argv=None):
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     record = {"device": name, "spec": spec.to_dict(), "attention": args.attention, "precision": args.precision,
               "batch": args.batch_size, "seq_len": args.seq_len, "step_ms": mean * 1e3, "min_step_ms": min(times) * 1e3,
-              "tokens_per_s": tokens / mean, "peak_gib": peak_memory_bytes(device) / 2**30, "gflop_per_step": flops / 1e9,
+              "tokens_per_s": tokens / mean, "peak_gib": peak_memory_bytes(device) / 2**30,
+              "gflop_per_step": flops / 1e9,
               "mfu": flops / mean / (peak * 1e12) if device.type == "cuda" and peak else None}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: hidden {config.hidden_size}, {config.num_layers} layers, {config.num_attention_heads} heads, "

@@ -151,6 +151,7 @@ def apply_rotary(x, cos, sin):
 
 ATTENTION_KERNELS = ("sdpa", "flex")  # model.transformer.attention: a run-time choice, same numbers
 
+
 def prefix_lm_mask(kernel: str, key_valid, context, filled, T: int, P: int):
     """Which keys each query sees, built once per forward in the form `kernel` ("sdpa" or "flex") takes.
 
