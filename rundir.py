@@ -14,21 +14,19 @@ loss scaler, every rank's RNG state and the loop's Progress. The data position f
 """
 import functools
 import json
-import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from adapters import apply_adapter, copy_weights, read_adapter, save_adapter
 from files import read_jsonl, replace_dir, write_json, write_text
+from fingerprint import git_commit, library_versions
 from model import ChatGLMModel
 from runtime import all_gather, rng_state, set_rng_state
 
@@ -44,22 +42,9 @@ KEEP_CHECKPOINTS = 2
 # ---------------------------------------------------------------- the run: recognised, started, plotted
 
 def run_config(args, world: int) -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for name in ("sentencepiece", "safetensors"):
-        try:
-            versions[name] = __import__(name).__version__
-        except (ImportError, AttributeError):
-            versions[name] = None
-    repo = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+    commit, dirty = git_commit()
     return {"args": vars(args), "world_size": world, "seed": args.seed, "command": sys.argv,
-            "versions": versions, "git_commit": commit, "git_dirty": dirty}
+            "versions": library_versions(), "git_commit": commit, "git_dirty": dirty}
 
 
 def same_run(a: dict, b: dict) -> bool:
