@@ -1,11 +1,14 @@
 """Files every part writes: JSON, text and directories replaced atomically, append-only JSON lines.
 
 A reader never sees half a file: text goes to `<name>.tmp` and is renamed over the target; a directory
-is built under a temporary name and swapped in by `replace_dir`.
+is built under a temporary name and swapped in by `replace_dir`. A write that fails is an OSError naming the
+path (`writing`), and `explain` turns it into the one line the scripts print.
 """
+import errno
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -50,3 +53,39 @@ def replace_dir(tmp: Path, out_dir: Path):
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def writing(path):
+    """Whatever fails inside failed to write `path`: torch.save and safetensors report a full disk as their own
+    errors ("unexpected pos", SafetensorError); they become an OSError that names the path."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        raise OSError(errno.EIO, f"writing failed ({e})", str(path)) from e
+
+
+def explain(e: OSError) -> str:
+    """One line for a failed file operation: the path, the reason, what to do."""
+    path = Path(e.filename) if e.filename else None
+    free = free_bytes(path) if path else None
+    if e.errno == errno.ENOSPC or (free is not None and free < 16 * 2**20):
+        hint = f"the disk is full ({free / 2**20:.0f} MiB free): free space or choose another output directory"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "not writable: choose another output directory or fix its permissions"
+    else:
+        hint = "check the path and the disk"
+    return f"{path or 'a file'}: {e.strerror or e}; {hint}"
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the file system that holds `path` (or its nearest existing parent)."""
+    for p in [path, *path.parents]:
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None

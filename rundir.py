@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from adapters import apply_adapter, copy_weights, read_adapter, save_adapter
-from files import read_jsonl, replace_dir, write_json, write_text
+from files import read_jsonl, replace_dir, write_json, write_text, writing
 from fingerprint import git_commit, library_versions
 from model import ChatGLMModel
 from runtime import all_gather, rng_state, set_rng_state
@@ -33,7 +33,7 @@ from runtime import all_gather, rng_state, set_rng_state
 LOG = "trainer_log.jsonl"
 # Arguments that do not change what a run computes: a run restarted with other values is the same run.
 VOLATILE_ARGS = {"resume", "overwrite", "dry_run", "attention", "dist_timeout", "logging_steps", "plot_loss",
-                 "save_steps", "output_dir"}
+                 "save_steps", "save_minutes", "output_dir"}
 OUR_FILES = ("run_config.json", LOG, "train_results.json", "training_loss.png", "adapter.json",
              "adapter_model.safetensors", "adapter_config.json", "checkpoints")
 KEEP_CHECKPOINTS = 2
@@ -136,6 +136,7 @@ class Progress:
     tokens: float = 0.0  # input tokens of every rank since t0
     samples: int = 0
     t0: float = 0.0  # time.time() when the loop starts
+    saved_at: float = 0.0  # time.time() of the last checkpoint (--save-minutes)
 
     def add(self, loss: float, tokens: float, samples: int):
         self.step += 1
@@ -146,6 +147,14 @@ class Progress:
 
     def tokens_per_s(self) -> float:
         return self.tokens / (time.time() - self.t0)
+
+
+def resume_hint(out: Path) -> str:
+    """What a user can do after an interruption."""
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        return f"no checkpoint in {out} yet (--save-steps / --save-minutes): the same command with --resume starts over"
+    return f"{checkpoint} is kept: the same command with --resume continues from it"
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -177,6 +186,7 @@ def save_trainable(model, spec, fsdp: bool, master: bool, dest: Path | None):
             shadow = ChatGLMModel(model.config)
         apply_adapter(shadow, spec)
         shadow.load_state_dict(full, strict=False, assign=True)
+        shadow.base_weights = model.base_weights
         save_adapter(shadow, spec, dest)
 
 
@@ -204,9 +214,10 @@ def write_checkpoint(out: Path, step: int, save_adapter_fn, optim_state: dict, t
     final = out / "checkpoints" / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter_fn(tmp)
-    torch.save(optim_state, tmp / "optimizer.pt")
-    torch.save(trainer_state, tmp / "trainer_state.pt")  # last: marks the checkpoint complete
+    with writing(tmp):
+        save_adapter_fn(tmp)
+        torch.save(optim_state, tmp / "optimizer.pt")
+        torch.save(trainer_state, tmp / "trainer_state.pt")  # last: marks the checkpoint complete
     replace_dir(tmp, final)
     done = sorted((int(m.group(1)), p) for p in final.parent.glob("step-*")
                   if (m := re.fullmatch(r"step-(\d+)", p.name)))

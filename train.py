@@ -31,13 +31,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import rundir
-from files import append_jsonl, write_json
-from runtime import DTYPES, all_gather, init_distributed, peak_memory_bytes
-from adapters import AdapterSpec, add_adapter_args, apply_adapter, trainable_report
+from files import append_jsonl, explain, write_json
+from flags import COUNT, COUNT_OR_ZERO, NON_NEGATIVE, POSITIVE
+from runtime import MODEL_HELP, DTYPES, all_gather, init_distributed, peak_memory_bytes, resolve_model, say_once
+from adapters import AdapterSpec, add_adapter_args, apply_adapter, base_weights, trainable_report
 from data import (IGNORE, add_data_args, build_train_samples, collate_train, format_report, global_batches,
                   rank_share)
 from model import ATTENTION_KERNELS, ChatGLMModel, load_config, load_model, load_tokenizer, token_loss_sum
 
+# launch.sh's settings for the demo's grid runs (TRAIN_ARGS there): larger steps than the 6B study's, fp32 on a CPU.
+DEMO_SETTINGS = {"lr": 2e-3, "epochs": 2, "batch_size": 16, "precision": "fp32"}
 OOM_HELP = ("out of memory. Knobs, cheapest first: a smaller --batch-size with a larger --grad-accum (same global "
             "batch), --grad-checkpointing, shorter --max-source-length / --max-target-length, --precision bf16, "
             "--dist fsdp (shards trainable weights, gradients and optimizer state)")
@@ -55,22 +58,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="checkpoint directory (released ChatGLM-6B layout) or a preset: 'tiny' (random weights, "
-                        "seed 0), 'chatglm-6b' (random weights; for --dry-run)")
+    p.add_argument("--model", help=MODEL_HELP + "; without --model and $MODEL the demo's settings are the defaults: "
+                   + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_SETTINGS.items()))
     add_adapter_args(p)
     add_data_args(p)
     g = p.add_argument_group("optimisation (defaults: the study's settings)")
-    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of AdamW (betas 0.9, 0.999, eps 1e-8)")
-    g.add_argument("--epochs", type=int, default=10, help="passes over the training samples")
-    g.add_argument("--max-steps", type=int, default=0, help="optimizer steps; 0: --epochs over the data")
-    g.add_argument("--batch-size", type=int, default=8, help="samples per device per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=POSITIVE, default=1e-5, help="peak learning rate of AdamW (betas 0.9, 0.999, eps 1e-8)")
+    g.add_argument("--epochs", type=COUNT, default=10, help="passes over the training samples")
+    g.add_argument("--max-steps", type=COUNT_OR_ZERO, default=0, help="optimizer steps; 0: --epochs over the data")
+    g.add_argument("--batch-size", type=COUNT, default=8, help="samples per device per micro-batch")
+    g.add_argument("--grad-accum", type=COUNT, default=1, help="micro-batches per optimizer step")
     g.add_argument("--scheduler", choices=["cosine", "linear", "constant"], default="cosine",
                    help="learning-rate decay to 0 after the warmup (constant: none)")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0 to --lr")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="on matrices only (not biases or norms)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm; 0: no clipping")
+    g.add_argument("--warmup-steps", type=COUNT_OR_ZERO, default=0, help="linear warmup from 0 to --lr")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="on matrices only (not biases or norms)")
+    g.add_argument("--max-grad-norm", type=NON_NEGATIVE, default=1.0, help="clip the global gradient norm; 0: no clipping")
     g.add_argument("--seed", type=int, default=42, help="adapter init, batch order, dropout")
     g = p.add_argument_group("speed and memory")
     g.add_argument("--precision", choices=sorted(DTYPES), default="bf16",
@@ -79,24 +81,32 @@ def parse_args(argv=None):
                         "and the optimizer stay float32; fp16 adds loss scaling")
     g.add_argument("--dist", choices=["ddp", "fsdp"], default="ddp",
                    help="with several processes: DDP replicates the model; FSDP2 shards it (for --method full)")
-    g.add_argument("--dist-timeout", type=float, default=30, help="minutes a collective may wait for a hung rank")
+    g.add_argument("--dist-timeout", type=POSITIVE, default=30, help="minutes a collective may wait for a hung rank")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute trainable blocks in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block (on a GPU: +20%% tokens/s)")
     g.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa",
                    help="attention kernel (FlexAttention trains on a GPU only)")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="outputs/train", help="the run directory (adapter, logs, checkpoints)")
-    g.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (and at the end); 0: end only")
-    g.add_argument("--logging-steps", type=int, default=10, help="a trainer_log.jsonl line every N steps")
+    g.add_argument("--save-steps", type=COUNT_OR_ZERO, default=500,
+                   help="checkpoint every N steps (and at the end); 0: end only")
+    g.add_argument("--save-minutes", type=NON_NEGATIVE, default=0,
+                   help="also checkpoint when this many minutes of training passed since the last checkpoint; 0: off")
+    g.add_argument("--logging-steps", type=COUNT, default=10, help="a trainer_log.jsonl line every N steps")
     g.add_argument("--plot-loss", action="store_true", help="write training_loss.png")
     g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint, if any")
     g.add_argument("--overwrite", action="store_true", help="replace a different run in --output-dir")
     g.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device, apply the adapter, print the trainable parameters, exit")
     args = p.parse_args(argv)
-    for name in ("batch_size", "grad_accum", "epochs", "logging_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    demo = args.model is None and not os.environ.get("MODEL")
+    args.model, note = resolve_model(args.model)
+    if demo:  # the demo model learns in minutes only with the demo's settings; flags given still win
+        p.set_defaults(**DEMO_SETTINGS, model=args.model)
+        args = p.parse_args(argv)
+        note += "; the demo's settings: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_SETTINGS.items())
+    if note:
+        say_once(note)
     return args
 
 
@@ -152,6 +162,7 @@ def build_model(args, spec: AdapterSpec, resume_from: Path | None, device) -> Ch
     model = load_model(args.model, dtype=DTYPES[args.precision], device=device)
     model.transformer.attention = args.attention
     apply_adapter(model, spec)
+    model.base_weights = base_weights(model)  # the fingerprint the adapter stores (before any sharding)
     if resume_from is not None:
         rundir.load_trainable(model, resume_from)
     model.train()
@@ -403,7 +414,7 @@ def train(args, rank: int, world: int, device: torch.device):
 
     grad_sums_by_step = []  # for the untrained-tensor check after steps 1 and 2
     bar = tqdm(total=total, initial=progress.step, disable=rank != 0, dynamic_ncols=True, desc=spec.method)
-    progress.t0 = time.time()  # throughput counts the loop only
+    progress.t0 = progress.saved_at = time.time()  # throughput counts the loop only
     while progress.step < total:
         micro, n_targets, n_samples = data.step_batches(progress.step, rank, world)  # this rank's share
         loss_sum, tokens = forward_backward(s, micro)  # accumulated gradients; sums over all ranks
@@ -417,10 +428,24 @@ def train(args, rank: int, world: int, device: torch.device):
         bar.update(1)
         if rank == 0 and (progress.step % args.logging_steps == 0 or progress.step == total):
             log_step(out, progress, lr, norm, data.steps_per_epoch)
-        if (args.save_steps and progress.step % args.save_steps == 0) or progress.step == total:
+        if checkpoint_due(args, progress, total, s):
             rundir.save_checkpoint(out, s, spec, progress, data.steps_per_epoch)  # a collective
+            progress.saved_at = time.time()
     bar.close()
     finish(args, out, s, spec, progress, data.steps_per_epoch, n_trainable)
+
+
+def checkpoint_due(args, progress: rundir.Progress, total: int, s: Setup) -> bool:
+    """Every --save-steps steps, at the last step, and when --save-minutes of training passed since the last
+    checkpoint (rank 0's clock decides for every rank: saving is a collective)."""
+    if (args.save_steps and progress.step % args.save_steps == 0) or progress.step == total:
+        return True
+    if not args.save_minutes:
+        return False
+    due = torch.tensor(float(time.time() - progress.saved_at >= 60 * args.save_minutes), device=s.device)
+    if s.world > 1:
+        dist.broadcast(due, src=0)
+    return bool(due)
 
 
 def dry_run(args, config, spec: AdapterSpec, say):
@@ -468,6 +493,8 @@ def main(argv=None):
         train(args, rank, world, device)
         if world > 1:
             dist.barrier()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(rundir.resume_hint(Path(args.output_dir))) from None
     except torch.OutOfMemoryError as e:
         raise MemoryError(f"{OOM_HELP}\n({e})") from e
     except RuntimeError as e:
@@ -486,9 +513,16 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    rank = os.environ.get("RANK")
     try:
         main()
     except (ValueError, FileNotFoundError, FloatingPointError, MemoryError, TimeoutError, UntrainedError) as e:
-        rank = os.environ.get("RANK")
         print(f"train.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # a full disk, a read-only or forbidden path: the last complete checkpoint stays
+        print(f"train.py: error{f' (rank {rank})' if rank else ''}: {explain(e)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        if rank in (None, "0"):
+            print(f"\ntrain.py: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
+        sys.exit(130)

@@ -21,7 +21,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from files import write_json
+from files import write_json, writing
 from model.loader import read_shard
 
 from .dispatch import METHODS, AdapterSpec, attach_adapter, trainable_state_dict
@@ -49,6 +49,45 @@ def arch_of(config) -> dict:
     return {k: getattr(config, k) for k in ARCH_FIELDS}
 
 
+def base_weights(model: nn.Module) -> dict | None:
+    """A cheap fingerprint of the frozen base weights an adapter is trained on: four frozen tensors spread over
+    the model (their names are stored with it). None where there is nothing to read: every tensor trained
+    (full), or the weights are on the meta device or sharded (train.py computes it before sharding)."""
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    if not frozen or any(p.device.type == "meta" or hasattr(p, "full_tensor") for _, p in frozen):
+        return None
+    names = sorted({frozen[i * (len(frozen) - 1) // 3][0] for i in range(4)})
+    return {"tensors": names, "sha256": weights_hash(model, names)}
+
+
+def weights_hash(model: nn.Module, names: list[str]) -> str:
+    """sha256 of up to 4096 evenly spaced values of each tensor, rounded to bfloat16 (so that the same checkpoint
+    loaded in bf16, fp16 or fp32 gives the same hash)."""
+    params = dict(model.named_parameters())
+    h = hashlib.sha256()
+    for name in names:
+        t = params[name].detach().flatten()
+        sample = t[::max(1, t.numel() // 4096)][:4096].to("cpu", torch.bfloat16).float()
+        h.update(name.encode() + sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_base_weights(model: nn.Module, adapter_dir, force: bool = False):
+    """Refuse an adapter whose stored base-weights fingerprint differs from this model's (same shapes, other
+    weights: e.g. another fine-tune of the same architecture). Adapters without one (PEFT, older) pass."""
+    meta_file = Path(adapter_dir) / "adapter.json"
+    stored = json.loads(meta_file.read_text(encoding="utf-8"))["base_model"].get("weights") \
+        if meta_file.is_file() else None
+    params = dict(model.named_parameters())
+    if not stored or not all(n in params for n in stored["tensors"]):
+        return
+    got = weights_hash(model, stored["tensors"])
+    if got != stored["sha256"] and not force:
+        raise ValueError(f"{meta_file}: this adapter was trained on other base weights (fingerprint "
+                         f"{stored['sha256']} of {', '.join(stored['tensors'])}; this model gives {got}). Load the "
+                         "base it was trained on (--model), or pass --force to apply it anyway")
+
+
 # ---------------------------------------------------------------- saving
 
 def save_adapter(model: nn.Module, spec: AdapterSpec, out_dir, base_model_name: str | None = None) -> Path:
@@ -64,18 +103,20 @@ def save_adapter(model: nn.Module, spec: AdapterSpec, out_dir, base_model_name: 
                          "(a merged LoRA model is a full model: save it with model.save_checkpoint)")
     if next(iter(tensors.values())).device.type == "meta":
         raise ValueError("the model is on the meta device (a dry run): there are no weights to save")
+    weights = getattr(model, "base_weights", None) or base_weights(model)  # train.py sets it before sharding
     meta = {"method": spec.method, "settings": spec.to_dict(),
-            "base_model": {"id": base_model_id(model.config), **arch_of(model.config)}}
+            "base_model": {"id": base_model_id(model.config), **arch_of(model.config), "weights": weights}}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tensors, beside = METHODS[spec.method].to_files(model, spec, tensors, base_model_name)
-    for name, content in beside.items():
-        write_json(tmp / name, content)
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    write_json(tmp / "adapter.json", meta)
+    with writing(tmp / WEIGHTS):
+        for name, content in beside.items():
+            write_json(tmp / name, content)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_json(tmp / "adapter.json", meta)
 
     written = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == "adapter.json")  # adapter.json last
     (out_dir / "adapter.json").unlink(missing_ok=True)
@@ -203,8 +244,9 @@ def copy_weights(model: nn.Module, file: Path):
         p.copy_(t)
 
 
-def load_adapter(model: nn.Module, adapter_dir) -> AdapterSpec:
+def load_adapter(model: nn.Module, adapter_dir, force: bool = False) -> AdapterSpec:
     """Apply the adapter in `adapter_dir` to a base model and load its weights, in place. -> its spec.
+    An adapter trained on other base weights is refused unless `force` (check_base_weights).
 
     Loaded Freeze / full weights take the model's dtype (a bf16 model stays bf16 and runs without
     autocast); LoRA and prefix tensors are float32 modules that work with any model dtype.
@@ -214,5 +256,6 @@ def load_adapter(model: nn.Module, adapter_dir) -> AdapterSpec:
         attach_adapter(model, spec)
     except ValueError as e:
         raise ValueError(f"{adapter_dir}: cannot apply this adapter to the model: {e}") from e
+    check_base_weights(model, adapter_dir, force)
     copy_weights(model, file)
     return spec

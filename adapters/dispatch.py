@@ -33,11 +33,11 @@ def add_adapter_args(parser: argparse.ArgumentParser):
     g.add_argument("--method", choices=list(METHODS), default="lora",
                    help="; ".join(f"{name}: {method.HELP}" for name, method in METHODS.items()))
     users = "/".join(name for name, method in METHODS.items() if "layers" in method.SETTINGS)
-    g.add_argument("--target", choices=TARGETS, default="qkv",
+    g.add_argument("--target", choices=TARGETS,
                    help=f"{users}: which matrices of the chosen layers: qkv = attention.query_key_value, "
                         "mlp = both MLP matrices, dense = attention.dense, all = all of them "
-                        "(freeze 'all' also trains the layer norms)")
-    g.add_argument("--layers", default="3", help=f"{users}: '3' = the last 3 layers, '25-27', '0,5,9', 'all'")
+                        "(freeze 'all' also trains the layer norms) (default: qkv)")
+    g.add_argument("--layers", help=f"{users}: '3' = the last 3 layers, '25-27', '0,5,9', 'all' (default: 3)")
     for method in METHODS.values():
         method.add_args(g)
 
@@ -58,7 +58,17 @@ class AdapterSpec:
 
     @classmethod
     def from_args(cls, args, num_layers: int) -> "AdapterSpec":
-        return cls(method=args.method, **METHODS[args.method].settings(args, num_layers))
+        """The method's settings from the flags; a method flag left unset (None) takes its default, and one
+        set for a method that does not use it is an error (it would be silently ignored)."""
+        method = METHODS[args.method]
+        ignored = [k for k in FLAG_DEFAULTS if k not in method.SETTINGS and getattr(args, k, None) not in (None, False)]
+        if ignored:
+            flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+            raise ValueError(f"--method {args.method} does not use {flags}: {method.TITLE} takes only "
+                             f"{', '.join('--' + k.replace('_', '-') for k in method.SETTINGS) or 'no settings'}")
+        filled = argparse.Namespace(**{k: default if getattr(args, k, None) is None else getattr(args, k)
+                                       for k, default in FLAG_DEFAULTS.items()})
+        return cls(method=args.method, **method.settings(filled, num_layers))
 
     def to_dict(self) -> dict:
         """The method and the settings that matter to it (adapter.json, logs)."""
@@ -71,6 +81,11 @@ class AdapterSpec:
             raise ValueError(f"adapter settings {d}: 'method' must be one of {list(METHODS)}")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# The method flags (unset: None) and their defaults: the study's settings.
+FLAG_DEFAULTS = {"target": "qkv", "layers": "3", "lora_rank": 8, "lora_alpha": 32.0, "lora_dropout": 0.1,
+                 "lora_target": None, "pre_seq_len": 16, "prefix_projection": False}
 
 
 def attach_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:

@@ -18,7 +18,7 @@ from model.loader import checkpoint_files, read_shard
 from model.tokenizer import DEMO_TOKENIZER
 from runtime import DTYPES
 
-from .checkpoint import copy_weights, read_adapter
+from .checkpoint import check_base_weights, copy_weights, read_adapter
 from .dispatch import METHODS, attach_adapter
 
 
@@ -33,7 +33,7 @@ def stored_dtype(base: str) -> torch.dtype:
     return next(iter(read_shard(file).values())).dtype  # memory-mapped: one tensor's dtype, nothing read
 
 
-def export_merged(base_path, adapter_dir, out_dir, dtype: torch.dtype | None = None) -> Path:
+def export_merged(base_path, adapter_dir, out_dir, dtype: torch.dtype | None = None, force: bool = False) -> Path:
     """Base (preset or checkpoint directory) + adapter -> a checkpoint directory in the released layout.
 
     Loaded once on CPU in `dtype` (default: the base's stored dtype); the adapter is merged in place,
@@ -58,6 +58,7 @@ def export_merged(base_path, adapter_dir, out_dir, dtype: torch.dtype | None = N
         tokenizer = tokenizer if tokenizer.is_file() else None
     model = load_model(base, dtype=stored_dtype(base) if dtype is None else dtype)
     attach_adapter(model, spec)
+    check_base_weights(model, adapter_dir, force)
     copy_weights(model, file)
     method.merge(model)
     return save_checkpoint(model.state_dict(), model.config, out_dir, tokenizer_file=tokenizer)
@@ -72,6 +73,8 @@ def main(argv=None):
                    help="the adapter directory (adapter.json, or a PEFT LoRA adapter_config.json)")
     p.add_argument("--output", required=True, help="the directory to write (replaced if it exists)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the dtype the base is stored in")
+    p.add_argument("--force", action="store_true", help="merge even if the adapter was trained on other base weights")
     args = p.parse_args(argv)
-    out = export_merged(args.model, args.checkpoint, args.output, DTYPES[args.dtype] if args.dtype else None)
+    out = export_merged(args.model, args.checkpoint, args.output, DTYPES[args.dtype] if args.dtype else None,
+                        args.force)
     print(f"[export] {args.checkpoint} + {args.model} -> {out}")

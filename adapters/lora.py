@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flags import COUNT, DROPOUT, POSITIVE
+
 from .layers import parse_layers
 
 TITLE = "LoRA"
@@ -31,9 +33,9 @@ TARGETS = {
 
 
 def add_args(group):
-    group.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r")
-    group.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha; scaling = alpha / r")
-    group.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
+    group.add_argument("--lora-rank", type=COUNT, help="LoRA rank r (default: 8)")
+    group.add_argument("--lora-alpha", type=POSITIVE, help="LoRA alpha; scaling = alpha / r (default: 32)")
+    group.add_argument("--lora-dropout", type=DROPOUT, help="dropout on the LoRA input (default: 0.1)")
     group.add_argument("--lora-target", default=None,
                        help="comma list of module names selected by suffix, as PEFT's target_modules "
                             "(e.g. 'query_key_value' or '25.attention.query_key_value'); overrides --target/--layers")

@@ -12,13 +12,15 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from flags import COUNT
+
 TITLE = "P-Tuning v2"
 HELP = "P-Tuning v2 prefixes"
 SETTINGS = ("pre_seq_len", "prefix_projection")
 
 
 def add_args(group):
-    group.add_argument("--pre-seq-len", type=int, default=16, help="P-Tuning v2 prefix length")
+    group.add_argument("--pre-seq-len", type=COUNT, help="P-Tuning v2 prefix length (default: 16)")
     group.add_argument("--prefix-projection", action="store_true",
                        help="P-Tuning v2: encode the prefix with a 2-layer MLP")
 

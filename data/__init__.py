@@ -4,6 +4,8 @@
 """
 from pathlib import Path
 
+from flags import COUNT, number
+
 from .batching import collate_train, global_batches, rank_share
 from .encode import IGNORE, build_eval_samples, build_train_samples, encode_prompt, encode_train, format_report
 from .prompt import build_prompt
@@ -19,11 +21,11 @@ def add_data_args(parser):
                    help="comma-separated dataset names registered in DIR/dataset_info.json")
     g.add_argument("--dataset-dir", default=str(DEMO_DIR),
                    help="directory with dataset_info.json (the bundled demo data unless given)")
-    g.add_argument("--max-samples", type=int, default=None,
+    g.add_argument("--max-samples", type=COUNT, default=None,
                    help="keep the first N records of each dataset (file order, before dropping empty ones)")
-    g.add_argument("--max-source-length", type=int, default=512,
+    g.add_argument("--max-source-length", type=number(int, low=2), default=512,
                    help="prompt tokens incl. [gMASK] <sop>; longer prompts keep their beginning")
-    g.add_argument("--max-target-length", type=int, default=512, help="answer tokens incl. <eop>")
+    g.add_argument("--max-target-length", type=number(int, low=2), default=512, help="answer tokens incl. <eop>")
     g.add_argument("--source-prefix", default="", help="text put in front of every prompt")
     g.add_argument("--expand-history", action="store_true",
                    help="train on every answer of a multi-turn record, not only the last")

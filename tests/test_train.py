@@ -83,16 +83,16 @@ def test_dry_run_reports_chatglm_6b_trainable_params(capsys, method, expected):
 # ---------------------------------------------------------------- every method learns
 
 @pytest.mark.parametrize("method, lr", [
-    (["--method", "freeze", "--target", "mlp"], 1e-2),
-    (["--method", "freeze", "--target", "qkv"], 1e-2),
+    (["--method", "freeze", "--target", "mlp", "--layers", "3"], 1e-2),
+    (["--method", "freeze", "--target", "qkv", "--layers", "3"], 1e-2),
     (["--method", "ptuning"], 0.3),  # a prefix into a random model moves the loss only with large steps
-    (["--method", "lora", "--target", "qkv"], 1e-2),
-    (["--method", "lora", "--target", "mlp"], 1e-2),
+    (["--method", "lora", "--target", "qkv", "--layers", "3"], 1e-2),
+    (["--method", "lora", "--target", "mlp", "--layers", "3"], 1e-2),
     (["--method", "full"], 3e-3),
 ])
 def test_every_method_lowers_the_loss(tmp_path, method, lr):
     out = tmp_path / "run"
-    run_train(*method, "--layers", "3", "--lr", lr, "--max-steps", 30, "--batch-size", 8, "--save-steps", 0,
+    run_train(*method, "--lr", lr, "--max-steps", 30, "--batch-size", 8, "--save-steps", 0,
               "--output-dir", out)
     losses = [row["loss"] for row in log(out)]
     assert len(losses) == 30
