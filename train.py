@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import rundir
 from files import append_jsonl, explain, write_json
+from fingerprint import code_fingerprint, data_fingerprint, short_hash
 from flags import COUNT, COUNT_OR_ZERO, NON_NEGATIVE, POSITIVE
 from runtime import MODEL_HELP, DTYPES, all_gather, init_distributed, peak_memory_bytes, resolve_model, say_once
 from adapters import AdapterSpec, add_adapter_args, apply_adapter, base_weights, trainable_report
@@ -478,7 +479,10 @@ def finish(args, out: Path, s: Setup, spec: AdapterSpec, progress: rundir.Progre
                "epochs": round(step / steps_per_epoch, 4), "runtime_s": round(runtime, 2),
                "samples_per_s": round(progress.samples / runtime, 3),
                "tokens_per_s": round(progress.tokens / runtime, 1), "peak_memory_bytes": peak,
-               "trainable_params": n_trainable, "world_size": s.world, "precision": args.precision}
+               "trainable_params": n_trainable, "world_size": s.world, "precision": args.precision,
+               "fingerprint": {"code": code_fingerprint(),
+                               "data": data_fingerprint(args.dataset_dir, args.dataset.split(",")),
+                               "settings": short_hash(rundir.same_run_key(vars(args), s.world))}}
     write_json(out / "train_results.json", results)
     if args.plot_loss:
         rundir.plot_loss(out / rundir.LOG, out / "training_loss.png")
