@@ -414,25 +414,24 @@ def train(args, rank: int, world: int, device: torch.device):
         dist.barrier()
 
     grad_sums_by_step = []  # for the untrained-tensor check after steps 1 and 2
-    bar = tqdm(total=total, initial=progress.step, disable=rank != 0, dynamic_ncols=True, desc=spec.method)
-    progress.t0 = progress.saved_at = time.time()  # throughput counts the loop only
-    while progress.step < total:
-        micro, n_targets, n_samples = data.step_batches(progress.step, rank, world)  # this rank's share
-        loss_sum, tokens = forward_backward(s, micro)  # accumulated gradients; sums over all ranks
-        loss, lr = loss_sum / n_targets, s.scheduler.get_last_lr()[0]  # mean token loss, lr of this step
-        check_loss(loss, progress.step + 1, lr)
-        norm = optimizer_step(s, args.max_grad_norm)  # unscale, clip, AdamW, schedule
-        if progress.step < 2:
-            check_trained(s, grad_sums_by_step, total)
-        progress.add(loss, tokens, n_samples)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{progress.tokens_per_s():.0f}", refresh=False)
-        bar.update(1)
-        if rank == 0 and (progress.step % args.logging_steps == 0 or progress.step == total):
-            log_step(out, progress, lr, norm, data.steps_per_epoch)
-        if checkpoint_due(args, progress, total, s):
-            rundir.save_checkpoint(out, s, spec, progress, data.steps_per_epoch)  # a collective
-            progress.saved_at = time.time()
-    bar.close()
+    with tqdm(total=total, initial=progress.step, disable=rank != 0, dynamic_ncols=True, desc=spec.method) as bar:
+        progress.t0 = progress.saved_at = time.time()  # throughput counts the loop only
+        while progress.step < total:
+            micro, n_targets, n_samples = data.step_batches(progress.step, rank, world)  # this rank's share
+            loss_sum, tokens = forward_backward(s, micro)  # accumulated gradients; sums over all ranks
+            loss, lr = loss_sum / n_targets, s.scheduler.get_last_lr()[0]  # mean token loss, lr of this step
+            check_loss(loss, progress.step + 1, lr)
+            norm = optimizer_step(s, args.max_grad_norm)  # unscale, clip, AdamW, schedule
+            if progress.step < 2:
+                check_trained(s, grad_sums_by_step, total)
+            progress.add(loss, tokens, n_samples)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{progress.tokens_per_s():.0f}", refresh=False)
+            bar.update(1)
+            if rank == 0 and (progress.step % args.logging_steps == 0 or progress.step == total):
+                log_step(out, progress, lr, norm, data.steps_per_epoch)
+            if checkpoint_due(args, progress, total, s):
+                rundir.save_checkpoint(out, s, spec, progress, data.steps_per_epoch)  # a collective
+                progress.saved_at = time.time()
     finish(args, out, s, spec, progress, data.steps_per_epoch, n_trainable)
 
 
