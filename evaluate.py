@@ -24,7 +24,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from adapters import METHODS, base_model_id, load_adapter
-from data import add_data_args, build_eval_samples, build_prompt, encode_prompt
+from data import add_data_args, build_eval_samples, build_prompt
+from data.registry import reserved_in
 from files import explain, read_jsonl, write_json, write_text
 from metrics import DEFINITION, METRICS, corpus_scores, versions
 from model import ATTENTION_KERNELS, generate_ids, load_model, load_tokenizer, sample_seed
@@ -130,7 +131,7 @@ def generate_batch(model, tokenizer, batch: list[dict], gen: GenerationSettings)
     records = []
     for s, row in zip(batch, rows):
         ended = bool(row) and row[-1] == tokenizer.eop_id
-        text = tokenizer.decode(row[:-1] if ended else row)
+        text = tokenizer.decode(row, skip_special_tokens=True)  # the study's rule (model.tokenizer.SKIPPED_PIECES)
         records.append({"index": s["index"], "prompt": s["prompt"], "label": s["label"], "predict": text,
                         "hit_length_cap": not ended})
     return records
@@ -302,27 +303,98 @@ def table(args, gen: GenerationSettings, rank: int, world: int, device) -> str:
 
 
 # ----------------------------------------------------------------------------- chat
+def fit_history(tokenizer, query: str, history: list, max_source_length: int, prefix: str = ""):
+    """The prompt ids (ending [gMASK] <sop>) of `query` after the latest rounds of `history` that fit in
+    max_source_length tokens -> (ids, kept rounds, number of oldest rounds dropped). The query is always whole:
+    ids is None when it does not fit even alone. Rounds are renumbered from 0 over the kept ones."""
+    for dropped in range(len(history) + 1):
+        kept = history[dropped:]
+        ids = tokenizer.encode(build_prompt(query, kept, prefix))
+        if len(ids) <= max_source_length:
+            return ids, kept, dropped
+    return None, [], len(history)
+
+
+def unprinted(printed: str, text: str) -> str:
+    """What to print of `text` when `printed` is on the screen: nothing while it ends in U+FFFD (an incomplete
+    UTF-8 byte sequence) or does not extend what is shown (a later token may change how earlier ones decode)."""
+    if text.endswith("\ufffd") or not text.startswith(printed):
+        return ""
+    return text[len(printed):]
+
+
+def stream_answer(model, tokenizer, ids: list[int], gen: GenerationSettings, seed: int, suppress_ids: list[int]):
+    """Generate one answer, printing it as it grows -> its text (the study's decode rule), or None when Ctrl-C
+    stopped it."""
+    tokens, shown = [], ""
+
+    def show(step, next_ids):  # next_ids (1,)
+        nonlocal shown
+        tokens.append(int(next_ids[0]))
+        new = unprinted(shown, tokenizer.decode(tokens, skip_special_tokens=True))
+        print(new, end="", flush=True)
+        shown += new
+
+    print("ChatGLM: ", end="", flush=True)
+    try:
+        row = generate_ids(model, [ids], max_new_tokens=gen.max_length, max_length=gen.max_length,
+                           do_sample=gen.do_sample, top_p=gen.top_p, temperature=gen.temperature, seeds=[seed],
+                           compiled=gen.compiled, suppress_ids=suppress_ids, on_token=show)[0]
+    except KeyboardInterrupt:
+        print(" (stopped)", flush=True)
+        return None
+    text = tokenizer.decode(row, skip_special_tokens=True)
+    print(unprinted(shown, text), flush=True)
+    return text
+
+
+def read_query() -> str | None:
+    """One line typed (or piped) by the user; None at Ctrl-D / end of input or Ctrl-C at the prompt."""
+    try:
+        return input("\n用户：")
+    except (EOFError, KeyboardInterrupt):
+        print(flush=True)
+        return None
+
+
 def chat(args, gen: GenerationSettings, device):
     tokenizer = load_tokenizer(args.model)
     model, _ = load_for_inference(args.model, args.checkpoint, args.precision, device, args.force)
-    history, turn = [], 0
-    print("chat: 'clear' resets the history, 'exit' or end of input quits", flush=True)
-    for line in sys.stdin:
-        query = line.rstrip("\n")
-        if query.strip() == "exit":
-            break
+    model.transformer.attention = gen.attention
+    # The special pieces the decode rule keeps as text ([gMASK], [sMASK], <unused_0>, <ENC>, <dBLOCK>) would
+    # show on the screen and, re-encoded from the history, break the next prompt: chat never generates them.
+    suppress = sorted(set(tokenizer.special_ids.values()) - tokenizer.skipped_ids)
+    history, turn, told = [], 0, False
+    print("chat: 'clear' resets the history, 'exit' / Ctrl-D / Ctrl-C at the prompt quits, "
+          "Ctrl-C during an answer stops it", flush=True)
+    while (query := read_query()) is not None and query.strip() != "exit":
         if query.strip() == "clear":
             history = []
             print("(history cleared)", flush=True)
             continue
         if not query.strip():
             continue
-        ids = encode_prompt(tokenizer, build_prompt(query, history, gen.source_prefix), gen.max_source_length)
-        sample = {"index": turn, "prompt": "", "label": "", "input_ids": ids}
-        answer = generate_batch(model, tokenizer, [sample], gen)[0]["predict"]
-        print(f"ChatGLM: {answer}", flush=True)
-        history.append([query, answer])
+        if reserved_in(query):
+            print(f"(the message contains {reserved_in(query)!r}, which the tokenizer reads as a special token: "
+                  "remove it and send again)", flush=True)
+            continue
+        ids, kept, dropped = fit_history(tokenizer, query, history, gen.max_source_length, gen.source_prefix)
+        if ids is None:
+            n = len(tokenizer.encode(build_prompt(query, [], gen.source_prefix)))
+            print(f"(this message alone is {n} prompt tokens and --max-source-length is {gen.max_source_length}: "
+                  "not sent; shorten it or raise --max-source-length)", flush=True)
+            continue
+        if dropped and not told:
+            print(f"(older rounds no longer fit --max-source-length {gen.max_source_length}: dropped from the "
+                  "prompt)", flush=True)
+            told = True
+        answer = stream_answer(model, tokenizer, ids, gen, sample_seed(gen.seed, turn), suppress)
         turn += 1
+        if answer is not None:  # a stopped answer leaves no round behind
+            # text the model spelled out of ordinary pieces (e.g. "<" "sop" ">") would encode as a special token
+            while reserved_in(answer):
+                answer = answer.replace(reserved_in(answer), "")
+            history = kept + [[query, answer]]
 
 
 def main(argv=None):
@@ -333,7 +405,11 @@ def main(argv=None):
         if args.from_predictions:
             recompute(Path(args.from_predictions))
         elif args.chat:
-            chat(args, gen, device)
+            try:
+                chat(args, gen, device)
+            except KeyboardInterrupt:  # Ctrl-C outside the prompt and the answers (e.g. while loading): quit quietly
+                print(file=sys.stderr)
+                sys.exit(130)
         elif args.runs is not None:
             table(args, gen, rank, world, device)
         else:

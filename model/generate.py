@@ -68,12 +68,15 @@ def sample_next(logits, do_sample: bool, top_p: float, temperature: float, gener
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int = 256, max_length: int | None = None,
                  do_sample: bool = False, top_p: float = 0.7, temperature: float = 0.95, seeds=None,
-                 compiled: bool = False):
+                 compiled: bool = False, suppress_ids: list[int] | None = None, on_token=None):
     """Token-id prompts (each ending [gMASK] <sop>) -> generated ids per prompt, in input order.
 
     A sequence ends at <eop> (kept as its last id) or after `max_new_tokens`, or when prompt +
     answer reach `max_length`. The batch stops as soon as every sequence has ended.
     `compiled`: run the decode step through torch.compile (same tokens; faster where launches dominate).
+    `suppress_ids`: ids never generated (their logits are -inf before sampling or argmax); None: no change.
+    `on_token(step, next_ids)`: called after each step with that step's ids (B,) (those of sequences that
+    already ended mean nothing), e.g. to stream an answer; None: nothing is called.
     """
     cfg = model.config
     device = model.lm_head.weight.device
@@ -86,6 +89,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int = 256, max
     seeds = list(range(B)) if seeds is None else seeds
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     cache = model.new_cache(B, T + new)
+    suppress = None if suppress_ids is None else torch.tensor(suppress_ids, dtype=torch.long, device=device)
     step_fn = compiled_decode_step(device.type) if compiled else decode_step
 
     out = torch.full((B, new), cfg.pad_token_id, dtype=torch.long, device=device)
@@ -93,10 +97,14 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int = 256, max
     done = limit <= 0
     logits = prefill(model, ids, mask, cache)  # (B, V)
     for step in range(new):
+        if suppress is not None:  # out of place: never write into the step's output (a CUDA graph's buffer)
+            logits = logits.index_fill(1, suppress, float("-inf"))
         nxt = sample_next(logits, do_sample, top_p, temperature, generators)  # (B,)
         out[:, step] = nxt
         lengths += (~done).long()
         done = done | (nxt == cfg.eos_token_id) | (step + 1 >= limit)
+        if on_token is not None:
+            on_token(step, nxt)
         if bool(done.all()):
             break
         logits = step_fn(model, nxt[:, None], cache)  # (B, V)
@@ -105,8 +113,9 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int = 256, max
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, max_length: int | None = None,
              do_sample: bool = False, top_p: float = 0.7, temperature: float = 0.95, seed: int = 0) -> list[str]:
-    """Prompt strings -> answers (decoded, without <eop>), in input order. Reproducible for a given seed."""
+    """Prompt strings -> answers (decoded by the study's rule: tokenizer.SKIPPED_PIECES dropped), in input order.
+    Reproducible for a given seed."""
     ids = [tokenizer.encode(p) for p in prompts]
     seeds = [sample_seed(seed, i) for i in range(len(prompts))]
     rows = generate_ids(model, ids, max_new_tokens, max_length, do_sample, top_p, temperature, seeds)
-    return [tokenizer.decode([t for t in row if t != tokenizer.eop_id]) for row in rows]
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]

@@ -10,6 +10,11 @@ import sentencepiece as spm
 
 MAX_BLANK = 80
 SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
+# The study's decode rule, measured with the reference tokenizer (tokenization_chatglm.py under transformers
+# 4.30.2) on data/demo/ice_text.model: its `all_special_ids` are exactly these (its bos, eos, unk, pad and mask
+# tokens), so `batch_decode(..., skip_special_tokens=True)` drops exactly these; [gMASK], [sMASK], <unused_0>,
+# <ENC> and <dBLOCK> stay as their text.
+SKIPPED_PIECES = ["<sop>", "<eop>", "<unk>", "<pad>", "[MASK]"]
 DEMO_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "demo" / "ice_text.model"
 
 
@@ -42,16 +47,21 @@ class ChatGLMTokenizer:
         self.mask_id, self.gmask_id = ids["[MASK]"], ids["[gMASK]"]
         self.sop_id, self.eop_id = ids["<sop>"], ids["<eop>"]
         self.pad_id, self.unk_id = ids["<pad>"], ids["<unk>"]
+        self.skipped_ids = {ids[piece] for piece in SKIPPED_PIECES}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text -> ids; with special tokens the ids end with [gMASK] <sop>, as the reference builds a prompt."""
         ids = self.sp.encode(preprocess(text))
         return ids + [self.gmask_id, self.sop_id] if add_special_tokens else ids
 
-    def decode(self, ids) -> str:
-        # The model's vocabulary may be padded past the tokenizer's (130528 vs 130344 in the release):
-        # ids without a piece decode to nothing, like pads.
-        return postprocess(self.sp.decode([int(i) for i in ids if int(i) != self.pad_id and int(i) < self.vocab_size]))
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Ids -> text; decode(encode(t, False)) == t. Pads always decode to nothing, and so do ids past the
+        tokenizer's pieces (the model's vocabulary may be padded: 130528 vs 130344 in the release).
+        skip_special_tokens=True is the study's rule (SKIPPED_PIECES): it also drops <sop>, <eop>, <unk>
+        and [MASK]; the other special pieces stay as their text, e.g. '你好[gMASK] 你好'.
+        Without it <unk> decodes as ' ⁇ '."""
+        drop = self.skipped_ids if skip_special_tokens else {self.pad_id}
+        return postprocess(self.sp.decode([int(i) for i in ids if int(i) not in drop and int(i) < self.vocab_size]))
 
     def check_config(self, config, where: str):
         """Special-token ids must agree with the model config, or generation never sees <eop>."""
