@@ -1,8 +1,8 @@
 """Evaluate runs as the study did, and print the comparison table.
 
-    python evaluate.py --model PATH|tiny [--checkpoint RUN] --dataset roleplay_all_test,alpaca_gpt4_zh
+    python evaluate.py [--model PATH|tiny] [--checkpoint RUN] [--dataset roleplay_all_test,alpaca_gpt4_zh]
     torchrun --nproc_per_node N evaluate.py ...      # samples split across ranks, same scores as 1 process
-    python evaluate.py [--runs runs] [--model PATH]  # the table of every run (evaluating missing ones with --model)
+    python evaluate.py --runs runs [--model PATH]    # the table of every run (evaluating missing ones with --model)
     python evaluate.py --from-predictions FILE       # recompute metrics.json from generated_predictions.jsonl
     python evaluate.py --chat --model PATH [--checkpoint RUN]
 
@@ -25,18 +25,20 @@ from tqdm import tqdm
 
 from adapters import METHODS, base_model_id, load_adapter
 from data import add_data_args, build_eval_samples, build_prompt, encode_prompt
-from files import read_jsonl, write_json, write_text
+from files import explain, read_jsonl, write_json, write_text
 from metrics import DEFINITION, METRICS, corpus_scores, versions
 from model import ATTENTION_KERNELS, generate_ids, load_model, load_tokenizer, sample_seed
 from results import read_runs, write_results
-from runtime import DTYPES, init_distributed
+from fingerprint import adapter_sha256, code_fingerprint, data_fingerprint, git_commit, short_hash
+from flags import COUNT, POSITIVE, PROBABILITY, number
+from runtime import DTYPES, MODEL_HELP, init_distributed, resolve_model, say_once
 
 EVAL_SETS = "roleplay_all_test,alpaca_gpt4_zh"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint directory (released layout) or a preset (tiny: random weights)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--checkpoint",
                    help="run directory with adapter.json (train.py --output-dir); omit for the base model")
     p.add_argument("--output-dir", help="where <dataset>/generated_predictions.jsonl and metrics.json go "
@@ -44,49 +46,48 @@ def parse_args(argv=None):
     add_data_args(p)
     p.set_defaults(dataset=EVAL_SETS, max_samples=100)
     g = p.add_argument_group("generation (defaults: the study's)")
-    g.add_argument("--max-length", type=int, default=768, help="prompt + answer tokens at most")
+    g.add_argument("--max-length", type=number(int, low=3), default=768, help="prompt + answer tokens at most")
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    g.add_argument("--top-p", type=float, default=0.7)
-    g.add_argument("--temperature", type=float, default=0.95)
+    g.add_argument("--top-p", type=PROBABILITY, default=0.7, help="nucleus sampling mass, in (0, 1]")
+    g.add_argument("--temperature", type=float, default=0.95, help="> 0 (sampling); --greedy for argmax decoding")
     g.add_argument("--seed", type=int, default=42, help="sample i draws from a generator seeded by (seed, i)")
-    g.add_argument("--batch-size", type=int, default=32, help="prompts per batch per process")
+    g.add_argument("--batch-size", type=COUNT, default=32, help="prompts per batch per process")
     g.add_argument("--precision", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--timeout-minutes", type=float, default=30, help="process-group timeout (torchrun)")
+    g.add_argument("--timeout-minutes", type=POSITIVE, default=30, help="process-group timeout (torchrun)")
     g.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa", help="attention kernel")
     g.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graphs on CUDA); same tokens")
     t = p.add_argument_group("other modes")
-    t.add_argument("--runs", help="print the table of every run under this directory (default mode, runs/)")
-    t.add_argument("--bold-top", type=int, default=1, help="bold the K best values of each table column")
+    t.add_argument("--runs", nargs="?", const="runs", help="print the table of every run under this directory (runs/)")
+    t.add_argument("--bold-top", type=COUNT, default=1, help="bold the K best values of each table column")
     t.add_argument("--from-predictions", help="recompute metrics.json from a generated_predictions.jsonl")
     t.add_argument("--chat", action="store_true", help="multi-turn chat on stdin ('clear' resets, 'exit' quits)")
-    return p.parse_args(argv)
+    p.add_argument("--force", action="store_true", help="apply an adapter even if it was trained on other base weights")
+    args = p.parse_args(argv)
+    if not args.greedy and args.temperature <= 0:
+        p.error(f"--temperature must be > 0 for sampling, got {args.temperature:g}; use --greedy for argmax decoding")
+    if args.runs is None or args.model is not None:  # the table alone needs no model
+        args.model, note = resolve_model(args.model)
+        if note and not args.from_predictions:
+            say_once(note)
+    return args
 
 
 # ----------------------------------------------------------------------------- model
-def load_for_inference(model_path: str, checkpoint, precision, device):
+def load_for_inference(model_path: str, checkpoint, precision, device, force: bool = False):
     """Base model (+ adapter, merged where its method can) in the inference dtype -> (model, identity)."""
     dtype = DTYPES[precision or ("bf16" if device.type == "cuda" else "fp32")]
     model = load_model(model_path, dtype=dtype, device=device)
     identity = {"model": {"path": str(model_path), "base_model_id": base_model_id(model.config),
                           "dtype": str(dtype).removeprefix("torch.")}, "checkpoint": None}
     if checkpoint is not None:
-        spec = load_adapter(model, checkpoint)  # raises if the adapter was made for another base model
+        spec = load_adapter(model, checkpoint, force)  # raises if made for another base model or other weights
         merge = METHODS[spec.method].merge
         if merge is not None:
             merge(model)  # LoRA: one matmul per projection again, generation runs at base-model speed
-        files = sorted(p for p in Path(checkpoint).iterdir() if p.name.startswith("adapter") and p.is_file())
         identity["checkpoint"] = {"path": str(checkpoint), "adapter": spec.to_dict(),
-                                  "sha256": {p.name: file_sha256(p) for p in files}}
+                                  "sha256": adapter_sha256(checkpoint)}
     model.eval()
     return model, identity
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- generation
@@ -221,11 +222,22 @@ def finalize(records: list[dict], out_dir: Path, name: str, identity: dict, sett
     write_text(out_dir / "generated_predictions.jsonl",
                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     metrics = metrics_record(records, name)
-    metrics.update(generation=settings, **selection, runtime_s=round(runtime_s, 2), **identity)
+    commit, dirty = git_commit()
+    metrics.update(generation=settings, **selection, runtime_s=round(runtime_s, 2), **identity,
+                   fingerprint=fingerprints(identity, name, selection, settings), git_commit=commit, git_dirty=dirty)
     write_json(out_dir / "metrics.json", metrics)
     print(f"{name}: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS) +
           f"  ({metrics['n_samples']} samples, {metrics['n_length_capped']} hit the length cap) -> {out_dir}")
     return metrics
+
+
+def fingerprints(identity: dict, name: str, selection: dict, generation: dict) -> dict:
+    """What these scores depend on (fingerprint.py); results.py and launch.sh compare "code" with the checkout's."""
+    checkpoint = identity["checkpoint"]
+    decisive = {k: v for k, v in generation.items() if k not in ("batch_size", "world_size")}
+    return {"code": code_fingerprint(), "data": data_fingerprint(selection["dataset_dir"], [name]),
+            "adapter": short_hash(checkpoint["sha256"]) if checkpoint else None,
+            "settings": short_hash({**decisive, **selection, "model": identity["model"]})}
 
 
 def metrics_record(records: list[dict], name: str) -> dict:
@@ -242,7 +254,7 @@ def evaluate_run(args, gen: GenerationSettings, checkpoint, out_dir: Path, datas
     all_samples = {name: build_eval_samples(tokenizer, name, args.dataset_dir, args.max_samples,
                                             gen.max_source_length, gen.source_prefix, args.skip_bad_records)
                    for name in datasets}
-    model, identity = load_for_inference(args.model, checkpoint, args.precision, device)
+    model, identity = load_for_inference(args.model, checkpoint, args.precision, device, args.force)
     selection = {"dataset_dir": str(args.dataset_dir), "max_samples": args.max_samples}
     return {name: evaluate_dataset(model, tokenizer, identity, name, samples, out_dir / name, gen, selection,
                                    rank, world)
@@ -292,7 +304,7 @@ def table(args, gen: GenerationSettings, rank: int, world: int, device) -> str:
 # ----------------------------------------------------------------------------- chat
 def chat(args, gen: GenerationSettings, device):
     tokenizer = load_tokenizer(args.model)
-    model, _ = load_for_inference(args.model, args.checkpoint, args.precision, device)
+    model, _ = load_for_inference(args.model, args.checkpoint, args.precision, device, args.force)
     history, turn = [], 0
     print("chat: 'clear' resets the history, 'exit' or end of input quits", flush=True)
     for line in sys.stdin:
@@ -321,10 +333,8 @@ def main(argv=None):
         if args.from_predictions:
             recompute(Path(args.from_predictions))
         elif args.chat:
-            if args.model is None:
-                raise ValueError("--chat needs --model (a checkpoint directory or a preset)")
             chat(args, gen, device)
-        elif args.model is None or args.runs is not None:
+        elif args.runs is not None:
             table(args, gen, rank, world, device)
         else:
             out_dir = Path(args.output_dir or (Path(args.checkpoint) / "eval" if args.checkpoint else "eval"))
@@ -332,6 +342,15 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:  # bad input: the message says what and where, no traceback
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a full disk, a read-only or forbidden path
+        print(f"evaluate.py: error: {explain(e)}; finished batches stay in generated_predictions.partial-*.jsonl "
+              "and the same command resumes from them", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("\nevaluate.py: interrupted; finished batches stay in generated_predictions.partial-*.jsonl and "
+                  "the same command resumes from them", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -113,10 +113,14 @@ def run_needs(run_dir: Path, rerun_stale: bool = False, code: str | None = None)
     adapter = None if base_row else adapter_sha256(run_dir)
     if any((m.get("checkpoint") or {}).get("sha256") != adapter for m in scores):
         return "eval"
-    stale = any(other_code(m, code) for m in scores) or (train is not None and other_code(train, code))
-    if stale:
+    if made_by_other_code(train, scores, code):
         return "eval" if rerun_stale else "stale"
     return "done"
+
+
+def made_by_other_code(train: dict | None, scores: list[dict | None], code: str) -> bool:
+    """A run's numbers came from other code when its training (None: no training) or any of its scores did."""
+    return (train is not None and other_code(train, code)) or any(other_code(m, code) for m in scores if m)
 
 
 if __name__ == "__main__":

@@ -9,21 +9,26 @@ import json
 from pathlib import Path
 
 from files import write_text
+from fingerprint import code_fingerprint, made_by_other_code, read_json
 from metrics import METRICS, TITLES
 
 RUN_COLUMNS = ("id", "method", "target", "layers", "aux")
 
 
-def read_runs(runs_dir: Path, datasets: list[str]) -> list[dict]:
-    """Every runs_dir/*/run.json with its metrics per evaluation set (None where missing), sorted by id."""
+OTHER_CODE = "†"  # marks a run whose numbers came from other code than this checkout's (fingerprint.py)
+
+
+def read_runs(runs_dir: Path, datasets: list[str], code: str | None = None) -> list[dict]:
+    """Every runs_dir/*/run.json with its metrics per evaluation set (None where missing), sorted by id;
+    run["other_code"] is True when its training or scores were made by other code than `code` (this checkout's)."""
+    code = code or code_fingerprint()
     runs = []
     for run_json in runs_dir.glob("*/run.json"):
         run = json.loads(run_json.read_text(encoding="utf-8"))
         run["dir"] = run_json.parent
-        run["metrics"] = {}
-        for name in datasets:
-            m = run_json.parent / "eval" / name / "metrics.json"
-            run["metrics"][name] = json.loads(m.read_text(encoding="utf-8")) if m.is_file() else None
+        run["metrics"] = {name: read_json(run_json.parent / "eval" / name / "metrics.json") for name in datasets}
+        train = read_json(run_json.parent / "train_results.json") if run.get("method", "none") != "none" else None
+        run["other_code"] = made_by_other_code(train, list(run["metrics"].values()), code)
         runs.append(run)
     return sorted(runs, key=lambda r: int(r["id"]))
 
@@ -32,7 +37,7 @@ def table_rows(runs: list[dict], datasets: list[str]) -> list[list[str]]:
     """Formatted cells per run: id, method, target, layers, aux, then the values (two decimals; missing '-')."""
     rows = []
     for run in runs:
-        cells = [str(run["id"]), str(run.get("method", "-")), str(run.get("target", "-")),
+        cells = [str(run["id"]) + (OTHER_CODE if run["other_code"] else ""), str(run.get("method", "-")), str(run.get("target", "-")),
                  str(run.get("layers", "-")), "yes" if run.get("aux") else "no"]
         for name in datasets:
             m = run["metrics"][name]
@@ -60,18 +65,22 @@ def markdown_table(runs: list[dict], datasets: list[str], top: int) -> str:
         header += [name] + ["-"] * (len(METRICS) - 1)
     metric_row = ["-"] * len(RUN_COLUMNS) + [TITLES[m] for _ in datasets for m in METRICS]
     lines = [header, ["-" * len(h) for h in header], metric_row] + rows
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
+    text = "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
+    if any(run["other_code"] for run in runs):
+        text += (f"\n{OTHER_CODE} made by other code than this checkout's (its fingerprint differs): "
+                 "`bash launch.sh --rerun-stale` redoes these runs\n")
+    return text
 
 
 def write_csv(path: Path, runs: list[dict], datasets: list[str]):
     with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "name", "method", "target", "layers", "aux"] +
+        w.writerow(["id", "name", "method", "target", "layers", "aux", "other_code"] +
                    [f"{n}/{m}" for n in datasets for m in METRICS])
         for run in runs:
             values = [run["metrics"][n][m] if run["metrics"][n] else "" for n in datasets for m in METRICS]
             w.writerow([run["id"], run.get("name", run["dir"].name), run.get("method"), run.get("target"),
-                        run.get("layers"), bool(run.get("aux"))] + values)
+                        run.get("layers"), bool(run.get("aux")), run["other_code"]] + values)
 
 
 def write_chart(path: Path, runs: list[dict], datasets: list[str]):
@@ -96,7 +105,7 @@ def write_chart(path: Path, runs: list[dict], datasets: list[str]):
     for j in range(len(METRICS), values.shape[1], len(METRICS)):
         ax.axvline(j - 0.5, color="black", linewidth=1.5)  # between evaluation sets
     ax.set_xticks(range(values.shape[1]), [f"{n}\n{TITLES[m]}" for n in datasets for m in METRICS], fontsize=7)
-    ax.set_yticks(range(len(runs)), [f"{r['id']} {r.get('method')} {r.get('target')} {r.get('layers')}"
+    ax.set_yticks(range(len(runs)), [f"{r['id']}{OTHER_CODE if r['other_code'] else ''} {r.get('method')} {r.get('target')} {r.get('layers')}"
                                       f"{' aux' if r.get('aux') else ''}" for r in runs], fontsize=8)
     ax.set_title(f"{' / '.join(TITLES[m] for m in METRICS)} per run (colour: fraction of the column's best)")
     fig.tight_layout()

@@ -47,10 +47,13 @@ def run_config(args, world: int) -> dict:
             "versions": library_versions(), "git_commit": commit, "git_dirty": dirty}
 
 
+def same_run_key(args: dict, world: int) -> tuple[dict, int]:
+    """What makes two trainings the same run: every argument but the VOLATILE ones, and the world size."""
+    return {k: v for k, v in args.items() if k not in VOLATILE_ARGS}, world
+
+
 def same_run(a: dict, b: dict) -> bool:
-    def key(c):
-        return {k: v for k, v in c["args"].items() if k not in VOLATILE_ARGS}, c["world_size"]
-    return key(a) == key(b)
+    return same_run_key(a["args"], a["world_size"]) == same_run_key(b["args"], b["world_size"])
 
 
 def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool) -> Path | None:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import rundir
 from files import append_jsonl, explain, write_json
+from fingerprint import code_fingerprint, data_fingerprint, short_hash
 from flags import COUNT, COUNT_OR_ZERO, NON_NEGATIVE, POSITIVE
 from runtime import MODEL_HELP, DTYPES, all_gather, init_distributed, peak_memory_bytes, resolve_model, say_once
 from adapters import AdapterSpec, add_adapter_args, apply_adapter, base_weights, trainable_report
@@ -413,25 +414,24 @@ def train(args, rank: int, world: int, device: torch.device):
         dist.barrier()
 
     grad_sums_by_step = []  # for the untrained-tensor check after steps 1 and 2
-    bar = tqdm(total=total, initial=progress.step, disable=rank != 0, dynamic_ncols=True, desc=spec.method)
-    progress.t0 = progress.saved_at = time.time()  # throughput counts the loop only
-    while progress.step < total:
-        micro, n_targets, n_samples = data.step_batches(progress.step, rank, world)  # this rank's share
-        loss_sum, tokens = forward_backward(s, micro)  # accumulated gradients; sums over all ranks
-        loss, lr = loss_sum / n_targets, s.scheduler.get_last_lr()[0]  # mean token loss, lr of this step
-        check_loss(loss, progress.step + 1, lr)
-        norm = optimizer_step(s, args.max_grad_norm)  # unscale, clip, AdamW, schedule
-        if progress.step < 2:
-            check_trained(s, grad_sums_by_step, total)
-        progress.add(loss, tokens, n_samples)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{progress.tokens_per_s():.0f}", refresh=False)
-        bar.update(1)
-        if rank == 0 and (progress.step % args.logging_steps == 0 or progress.step == total):
-            log_step(out, progress, lr, norm, data.steps_per_epoch)
-        if checkpoint_due(args, progress, total, s):
-            rundir.save_checkpoint(out, s, spec, progress, data.steps_per_epoch)  # a collective
-            progress.saved_at = time.time()
-    bar.close()
+    with tqdm(total=total, initial=progress.step, disable=rank != 0, dynamic_ncols=True, desc=spec.method) as bar:
+        progress.t0 = progress.saved_at = time.time()  # throughput counts the loop only
+        while progress.step < total:
+            micro, n_targets, n_samples = data.step_batches(progress.step, rank, world)  # this rank's share
+            loss_sum, tokens = forward_backward(s, micro)  # accumulated gradients; sums over all ranks
+            loss, lr = loss_sum / n_targets, s.scheduler.get_last_lr()[0]  # mean token loss, lr of this step
+            check_loss(loss, progress.step + 1, lr)
+            norm = optimizer_step(s, args.max_grad_norm)  # unscale, clip, AdamW, schedule
+            if progress.step < 2:
+                check_trained(s, grad_sums_by_step, total)
+            progress.add(loss, tokens, n_samples)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{progress.tokens_per_s():.0f}", refresh=False)
+            bar.update(1)
+            if rank == 0 and (progress.step % args.logging_steps == 0 or progress.step == total):
+                log_step(out, progress, lr, norm, data.steps_per_epoch)
+            if checkpoint_due(args, progress, total, s):
+                rundir.save_checkpoint(out, s, spec, progress, data.steps_per_epoch)  # a collective
+                progress.saved_at = time.time()
     finish(args, out, s, spec, progress, data.steps_per_epoch, n_trainable)
 
 
@@ -478,7 +478,10 @@ def finish(args, out: Path, s: Setup, spec: AdapterSpec, progress: rundir.Progre
                "epochs": round(step / steps_per_epoch, 4), "runtime_s": round(runtime, 2),
                "samples_per_s": round(progress.samples / runtime, 3),
                "tokens_per_s": round(progress.tokens / runtime, 1), "peak_memory_bytes": peak,
-               "trainable_params": n_trainable, "world_size": s.world, "precision": args.precision}
+               "trainable_params": n_trainable, "world_size": s.world, "precision": args.precision,
+               "fingerprint": {"code": code_fingerprint(),
+                               "data": data_fingerprint(args.dataset_dir, args.dataset.split(",")),
+                               "settings": short_hash(rundir.same_run_key(vars(args), s.world))}}
     write_json(out / "train_results.json", results)
     if args.plot_loss:
         rundir.plot_loss(out / rundir.LOG, out / "training_loss.png")

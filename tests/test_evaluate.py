@@ -15,6 +15,7 @@ import evaluate
 import results
 from adapters import AdapterSpec, apply_adapter, save_adapter
 from data import DEMO_DIR, build_eval_samples
+from fingerprint import CODE, code_fingerprint
 from metrics import METRICS, TITLES, corpus_scores
 from model import ChatGLMConfig, ChatGLMModel, generate_ids, load_model, load_tokenizer
 
@@ -24,13 +25,15 @@ SETS = ("roleplay_all_test", "alpaca_gpt4_zh")
 TINY = ["--model", "tiny", "--max-samples", "4", "--max-length", "48", "--max-source-length", "40"]
 
 
-def write_run(runs: Path, dirname: str, run: dict, metrics: dict | None, names=METRICS):
+def write_run(runs: Path, dirname: str, run: dict, metrics: dict | None, names=METRICS, code=None):
+    """A launcher run directory with metrics made by `code` (default: this checkout's)."""
     d = runs / dirname
     d.mkdir(parents=True)
     (d / "run.json").write_text(json.dumps({"name": dirname, "commands": [], **run}))
+    made_by = {"fingerprint": {"code": code or code_fingerprint()}}
     for name, values in (metrics or {}).items():
         (d / "eval" / name).mkdir(parents=True)
-        (d / "eval" / name / "metrics.json").write_text(json.dumps(dict(zip(names, values, strict=True))))
+        (d / "eval" / name / "metrics.json").write_text(json.dumps({**dict(zip(names, values, strict=True)), **made_by}))
 
 
 def three_runs(runs: Path):
@@ -54,15 +57,39 @@ EXPECTED_TABLE = """\
 """
 
 
+def test_a_change_of_the_model_code_marks_earlier_rows(tmp_path):
+    """Rows whose scores were made by the code of a checkout are marked once that checkout's model code changes."""
+    checkout = tmp_path / "checkout"
+    for pattern in CODE:
+        for f in ROOT.glob(pattern):
+            (checkout / f.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+            (checkout / f.relative_to(ROOT)).write_bytes(f.read_bytes())
+    before = code_fingerprint(checkout)
+    assert before == code_fingerprint(ROOT)  # the same files give the same fingerprint
+    runs = tmp_path / "runs"
+    write_run(runs, "0-base", {"id": 0, "method": "none", "target": "-", "layers": "-", "aux": False},
+              {s: [1.0, 2.0, 3.0, 4.0] for s in SETS}, code=before)
+    assert [r["other_code"] for r in results.read_runs(runs, list(SETS), before)] == [False]
+    assert "0†" not in results.markdown_table(results.read_runs(runs, list(SETS), before), list(SETS), 1)
+    chatglm = checkout / "model" / "chatglm.py"
+    chatglm.write_text(chatglm.read_text(encoding="utf-8").replace("sqrt", "sqrt ", 1), encoding="utf-8")
+    after = code_fingerprint(checkout)
+    assert after != before
+    marked = results.read_runs(runs, list(SETS), after)
+    assert [r["other_code"] for r in marked] == [True]
+    table = results.markdown_table(marked, list(SETS), 1)
+    assert "| 0† | none |" in table and "--rerun-stale" in table
+
+
 def test_table_of_three_runs(tmp_path, capsys):
     three_runs(tmp_path)
     evaluate.main(["--runs", str(tmp_path)])
     assert capsys.readouterr().out == EXPECTED_TABLE
     assert (tmp_path / "results.md").read_text(encoding="utf-8") == EXPECTED_TABLE
     rows = (tmp_path / "results.csv").read_text(encoding="utf-8").splitlines()
-    assert rows[0] == ("id,name,method,target,layers,aux," +
+    assert rows[0] == ("id,name,method,target,layers,aux,other_code," +
                        ",".join(f"{s}/{m}" for s in SETS for m in METRICS))
-    assert rows[1] == "0,0-base,none,-,-,False,1.434,11.93,0.74,8.78,15.65,34.41,15.67,26.2"
+    assert rows[1] == "0,0-base,none,-,-,False,False,1.434,11.93,0.74,8.78,15.65,34.41,15.67,26.2"
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "9", "14"]
     png = (tmp_path / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -102,7 +129,7 @@ def test_table_follows_the_metric_list(tmp_path, monkeypatch, capsys):
     assert csv_rows[0].endswith(",roleplay_all_test/rouge-l,roleplay_all_test/chrf,alpaca_gpt4_zh/bleu-4,"
                                 "alpaca_gpt4_zh/rouge-1,alpaca_gpt4_zh/rouge-2,alpaca_gpt4_zh/rouge-l,"
                                 "alpaca_gpt4_zh/chrf")
-    assert csv_rows[2] == "1,1-lora,lora,qkv,3,False,2,1,3,5,45,,,,,"
+    assert csv_rows[2] == "1,1-lora,lora,qkv,3,False,False,2,1,3,5,45,,,,,"
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Does the demo table reproduce bit for bit? Runs `bash launch.sh` twice from scratch, each in a fresh clone of
+# this commit: once on a quiet machine, once beside CPU-burning processes (one per core); then compares the two
+# runs/results.md. Prints the two tables' timing and "identical" or the difference; exit 1 if they differ.
+#
+#   bash scripts/reproduce.sh [WORK_DIR]      # about 12 + 20 minutes on 2 CPU cores
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+WORK="${1:-$(mktemp -d)}"
+COMMIT=$(git -C "$REPO" rev-parse HEAD)
+mkdir -p "$WORK"
+
+run_grid() {  # $1 = clone name
+    local dir="$WORK/$1" start
+    rm -rf "$dir"
+    git clone -q "$REPO" "$dir"
+    git -C "$dir" checkout -q "$COMMIT"
+    [ -d "$REPO/.venv" ] && ln -s "$REPO/.venv" "$dir/.venv"  # the same environment, no reinstall
+    start=$(date +%s)
+    (cd "$dir" && bash launch.sh > "$WORK/$1.log" 2>&1)
+    echo "[reproduce] $1: bash launch.sh took $(( $(date +%s) - start )) s (log: $WORK/$1.log)"
+}
+
+run_grid quiet
+burners=()
+for _ in $(seq "$(nproc)"); do (while :; do :; done) & burners+=($!); done
+trap 'kill "${burners[@]}" 2>/dev/null || true' EXIT
+run_grid loaded
+kill "${burners[@]}" 2>/dev/null || true
+
+if cmp -s "$WORK/quiet/runs/results.md" "$WORK/loaded/runs/results.md"; then
+    echo "[reproduce] identical tables at $COMMIT ($WORK/quiet/runs/results.md)"
+else
+    diff "$WORK/quiet/runs/results.md" "$WORK/loaded/runs/results.md" || true
+    echo "[reproduce] the tables differ at $COMMIT" >&2
+    exit 1
+fi

@@ -1,0 +1,258 @@
+"""What a user types: every numeric flag checked when parsed, options a method ignores, the model a script takes
+without --model, adapters refused on other base weights, and Ctrl-C / OS errors as one line that keeps the work."""
+import dataclasses
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import files
+import rundir
+import runtime
+import train
+from adapters import AdapterSpec, apply_adapter, load_adapter, save_adapter
+from model import ChatGLMConfig, ChatGLMModel
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--model", "tiny", "--precision", "fp32", "--max-samples", "64", "--max-source-length", "48",
+         "--max-target-length", "48"]
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+# ---------------------------------------------------------------- flags checked when parsed
+
+@pytest.mark.parametrize("flag, bad", [
+    ("--max-steps", "-5"), ("--epochs", "0"), ("--batch-size", "0"), ("--grad-accum", "0"), ("--lr", "0"),
+    ("--warmup-steps", "-1"), ("--weight-decay", "-0.1"), ("--max-grad-norm", "-1"), ("--save-steps", "-1"),
+    ("--save-minutes", "-1"), ("--logging-steps", "0"), ("--dist-timeout", "0"), ("--max-samples", "0"),
+    ("--max-source-length", "1"), ("--max-target-length", "1"), ("--lora-rank", "0"), ("--lora-alpha", "0"),
+    ("--lora-dropout", "1"), ("--pre-seq-len", "0"), ("--batch-size", "two"),
+])
+def test_train_refuses_a_bad_number(flag, bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--model", "tiny", flag, bad])
+    assert e.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_train_accepts_the_documented_zeros():
+    args = train.parse_args(["--model", "tiny", "--max-steps", "0", "--save-steps", "0", "--lora-dropout", "0",
+                             "--warmup-steps", "0", "--max-grad-norm", "0"])
+    assert (args.max_steps, args.save_steps, args.lora_dropout, args.max_grad_norm) == (0, 0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--temperature", "0"], "--greedy"), (["--temperature", "-1"], "--greedy"), (["--top-p", "0"], "--top-p"),
+    (["--top-p", "1.5"], "--top-p"), (["--batch-size", "0"], "--batch-size"), (["--max-samples", "0"], "--max-samples"),
+    (["--max-length", "0"], "--max-length"), (["--timeout-minutes", "0"], "--timeout-minutes"),
+])
+def test_evaluate_refuses_a_bad_number(flags, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(["--model", "tiny", *flags])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_greedy_needs_no_temperature():
+    args = evaluate.parse_args(["--model", "tiny", "--greedy", "--temperature", "0", "--top-p", "1"])
+    assert args.greedy and args.top_p == 1.0
+
+
+@pytest.mark.parametrize("flags, ignored", [
+    (["--method", "ptuning", "--target", "mlp"], "--target"), (["--method", "ptuning", "--layers", "2"], "--layers"),
+    (["--method", "freeze", "--lora-rank", "4"], "--lora-rank"), (["--method", "lora", "--pre-seq-len", "8"],
+                                                                   "--pre-seq-len"),
+    (["--method", "full", "--layers", "all"], "--layers"), (["--method", "lora", "--prefix-projection"],
+                                                            "--prefix-projection"),
+])
+def test_an_option_the_method_ignores_is_an_error(flags, ignored):
+    args = train.parse_args(["--model", "tiny", *flags])
+    with pytest.raises(ValueError, match=f"does not use {ignored}"):
+        AdapterSpec.from_args(args, 6)
+
+
+def test_method_flags_left_unset_take_the_study_defaults():
+    spec = AdapterSpec.from_args(train.parse_args(["--model", "tiny"]), 28)
+    assert (spec.method, spec.target, spec.layers, spec.lora_rank, spec.lora_alpha, spec.lora_dropout) == \
+        ("lora", "qkv", [25, 26, 27], 8, 32.0, 0.1)
+
+
+# ---------------------------------------------------------------- the model without --model
+
+def test_without_model_the_demo_then_tiny(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("MODEL", raising=False)
+    monkeypatch.setattr(runtime, "DEMO_MODEL", tmp_path / "base-model")  # absent: the tiny preset
+    args = train.parse_args(["--method", "lora", "--target", "qkv", "--layers", "3", "--lr", "1e-4"])
+    assert args.model == "tiny"
+    assert (args.lr, args.epochs, args.batch_size, args.precision) == (1e-4, 2, 16, "fp32")  # given flags win
+    assert "the 'tiny' preset" in capsys.readouterr().out
+    (tmp_path / "base-model").mkdir()
+    (tmp_path / "base-model" / "config.json").write_text("{}")
+    assert train.parse_args([]).model == str(tmp_path / "base-model")
+    assert evaluate.parse_args([]).model == str(tmp_path / "base-model")
+    assert evaluate.parse_args(["--runs"]).model is None  # the table alone needs no model
+
+
+def test_model_from_the_environment_keeps_the_study_settings(monkeypatch, capsys):
+    monkeypatch.setenv("MODEL", "/data/chatglm-6b")
+    args = train.parse_args(["--method", "lora"])
+    assert args.model == "/data/chatglm-6b" and (args.lr, args.epochs, args.batch_size) == (1e-5, 10, 8)
+    assert "$MODEL = /data/chatglm-6b" in capsys.readouterr().out
+    assert train.parse_args(["--model", "tiny"]).model == "tiny"
+
+
+# ---------------------------------------------------------------- adapters and their base weights
+
+def tiny_model(seed: int, dtype=torch.float32) -> ChatGLMModel:
+    return ChatGLMModel(ChatGLMConfig.from_name("tiny")).init_weights(seed).to(dtype)
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze", "ptuning"])
+def test_an_adapter_is_refused_on_other_base_weights(tmp_path, method):
+    model = apply_adapter(tiny_model(0), AdapterSpec(method, "mlp", [4, 5]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # trained: Freeze's own tensors change and must not count as the base
+    save_adapter(model, AdapterSpec(method, "mlp", [4, 5]), tmp_path)
+    load_adapter(tiny_model(0, torch.bfloat16), tmp_path)  # the same base in another dtype
+    with pytest.raises(ValueError, match="other base weights.*--force"):
+        load_adapter(tiny_model(1), tmp_path)
+    assert load_adapter(tiny_model(1), tmp_path, force=True).method == method
+
+
+def test_evaluate_refuses_other_base_weights_unless_forced(tmp_path, capsys):
+    spec = AdapterSpec("lora", "qkv", [5])
+    save_adapter(apply_adapter(tiny_model(7), spec), spec, tmp_path / "run")
+    flags = ["--model", "tiny", "--checkpoint", str(tmp_path / "run"), "--max-samples", "1", "--max-length", "24",
+             "--max-source-length", "16", "--dataset", "alpaca_gpt4_zh", "--output-dir", str(tmp_path / "eval")]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(flags)
+    assert e.value.code == 2 and "other base weights" in capsys.readouterr().err
+    evaluate.main(flags + ["--force"])
+    assert (tmp_path / "eval" / "alpaca_gpt4_zh" / "metrics.json").is_file()
+
+
+# ---------------------------------------------------------------- interrupts and OS errors
+
+def wait_for(predicate, proc, timeout=120):
+    end = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < end, "timed out"
+        time.sleep(0.2)
+
+
+def test_ctrl_c_in_train_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *SMALL, "--method", "lora", "--max-steps", "300", "--batch-size", "2",
+           "--save-steps", "3", "--logging-steps", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: rundir.latest_checkpoint(out) is not None, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: interrupted;") and "--resume" in last and "checkpoints/step-" in last
+    step = int(last.split("checkpoints/step-")[1].split()[0])
+    done = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming at step {step}" in done.stdout
+    assert [r["step"] for r in rundir.read_jsonl(out / rundir.LOG)] == list(range(1, 301))
+
+
+def test_ctrl_c_in_evaluate_keeps_finished_batches(tmp_path):
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "evaluate.py", "--model", "tiny", "--dataset", "alpaca_gpt4_zh", "--max-samples", "64",
+           "--batch-size", "1", "--max-length", "40", "--max-source-length", "24", "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = lambda: [p for p in (out / "alpaca_gpt4_zh").glob("*.partial-*.jsonl") if p.stat().st_size > 0] \
+        if (out / "alpaca_gpt4_zh").is_dir() else []
+    wait_for(partial, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert "interrupted" in stderr and "resumes" in stderr
+    kept = sum(1 for line in partial()[0].read_text().splitlines() if line.strip())
+    assert kept >= 1
+
+
+def test_a_failed_checkpoint_write_names_the_path_and_keeps_the_last(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError ('unexpected pos'); the run stops with an OSError that
+    names the checkpoint being written, and the previous complete checkpoint stays loadable."""
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) > 2:  # the first checkpoint (optimizer.pt, trainer_state.pt) is written, the second is not
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    out = tmp_path / "run"
+    with pytest.raises(OSError) as e:
+        train.main([*SMALL, "--method", "lora", "--max-steps", "6", "--batch-size", "2", "--save-steps", "2",
+                    "--output-dir", str(out)])
+    assert "step-4" in e.value.filename and "unexpected pos" in e.value.strerror
+    assert rundir.latest_checkpoint(out) == out / "checkpoints" / "step-2"
+    line = files.explain(e.value)
+    assert line.startswith(str(out / "checkpoints" / "step-4")) and "\n" not in line
+
+
+def test_explain_says_what_to_do():
+    full = files.explain(OSError(errno.ENOSPC, "No space left on device", "/tmp/x/y"))
+    assert full.startswith("/tmp/x/y: No space left on device") and "disk is full" in full
+    denied = files.explain(PermissionError(errno.EACCES, "Permission denied", "/nope/run"))
+    assert "not writable" in denied
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (root only: skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line(small_disk):
+    out = small_disk / "run"  # full fine-tuning of the tiny model: its first checkpoint does not fit in 3 MiB
+    done = subprocess.run([sys.executable, "train.py", *SMALL, "--method", "full", "--max-steps", "4",
+                           "--batch-size", "2", "--save-steps", "2", "--output-dir", str(out)],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: ") and "disk is full" in last and str(out) in last
+
+
+def test_the_demo_settings_are_the_launchers():
+    """train.py's defaults for the demo model are launch.sh's settings for the demo's grid runs."""
+    line = next(ln for ln in (REPO / "launch.sh").read_text(encoding="utf-8").splitlines()
+                if ln.strip().startswith("TRAIN_ARGS=") and "--lr" in ln)
+    words = line.split('"')[1].split()
+    given = {words[i][2:].replace("-", "_"): words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
+    for key, value in train.DEMO_SETTINGS.items():
+        assert type(value)(given[key]) == value, key
+
+
+def test_dataclass_defaults_match_flag_defaults():
+    from adapters.dispatch import FLAG_DEFAULTS
+    spec = AdapterSpec()
+    for k, v in FLAG_DEFAULTS.items():
+        if k != "layers":
+            assert getattr(spec, k) == v, k
+    assert dataclasses.asdict(spec)["layers"] is None
