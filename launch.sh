@@ -25,8 +25,8 @@
 #   RUNS      output directory (default runs)
 #   TRAIN_EXTRA, EVAL_EXTRA  arguments appended to every train.py (the demo's base model too) / evaluate.py
 #             command, for quick trials: TRAIN_EXTRA="--max-steps 5" EVAL_EXTRA="--max-samples 4"
-#   PY        the Python --dry-run reads MODEL/config.json with (default python3); real runs use the one
-#             scripts/env.sh sets up
+#   PY        the Python to run with (default: the .venv/ that scripts/env.sh builds; for --dry-run, which
+#             only reads MODEL/config.json with it: python3)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -274,7 +274,7 @@ interrupted() {
 }
 trap interrupted INT TERM HUP
 
-source scripts/env.sh
+[ -n "${PY:-}" ] || source scripts/env.sh
 
 base_model() {  # the demo's base model with its progress bar on screen, resuming an interrupted training
     header "$RUNS/base-train.log" $PY train.py $BASE_TRAIN --resume

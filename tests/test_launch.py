@@ -63,15 +63,14 @@ KNOBS = ("MODEL", "DATA_DIR", "NPROC", "PARALLEL", "RUNS", "TRAIN_EXTRA", "EVAL_
 
 
 def launcher_env(**extra) -> dict:
-    """The caller's environment without launch.sh's knobs; python3 = this Python (scripts/env.sh takes it)."""
+    """The caller's environment without launch.sh's knobs, running on this Python (not on .venv/)."""
     env = {k: v for k, v in os.environ.items() if k not in KNOBS}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return {**env, **{k: str(v) for k, v in extra.items()}}
+    return {**env, "PY": sys.executable, **{k: str(v) for k, v in extra.items()}}
 
 
 def dry_run(env_extra, *ids):
     out = subprocess.run(["bash", "launch.sh", "--dry-run", *map(str, ids)], cwd=REPO, capture_output=True,
-                         text=True, env=launcher_env(PY=sys.executable, **env_extra), check=True).stdout
+                         text=True, env=launcher_env(**env_extra), check=True).stdout
     runs, current = {}, None
     for line in out.splitlines():
         m = re.match(r"# (\d+): (\S+)", line)
@@ -153,13 +152,12 @@ def test_dry_run_needs_no_torch(tmp_path, model_6b):
     blocker = tmp_path / "no-torch" / "torch"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('torch is blocked for this test')\n")
-    env = launcher_env(PY=sys.executable, PYTHONPATH=blocker.parent, RUNS=tmp_path / "runs")
-    assert subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True).returncode != 0
-    for extra in ({}, {"MODEL": model_6b}):
+    for model, layers in ((None, "0-5"), (model_6b, "0-27")):  # the demo's tiny model, a checkpoint directory
+        env = launcher_env(PYTHONPATH=blocker.parent, RUNS=tmp_path / "runs", **({"MODEL": model} if model else {}))
+        assert subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True).returncode != 0
         done = subprocess.run(["bash", "launch.sh", "--dry-run", "--rerun-stale", "21"], cwd=REPO, text=True,
-                              capture_output=True, env={**env, **{k: str(v) for k, v in extra.items()}})
+                              capture_output=True, env=env)
         assert done.returncode == 0, done.stderr
-        layers = "0-27" if extra else "0-5"
         assert f"--layers {layers}" in done.stdout and "evaluate.py" in done.stdout
     assert not (tmp_path / "runs").exists()
 
