@@ -3,9 +3,15 @@
 # layers x auxiliary set; each run is trained, then evaluated on the role-play test split and on
 # alpaca-gpt4-zh (100 samples each); then the comparison table is printed.
 #
-#   bash launch.sh                 # every id; finished runs are skipped
+#   bash launch.sh                 # every id; finished runs are skipped, interrupted ones resumed
 #   bash launch.sh 14 17           # chosen ids
-#   bash launch.sh --dry-run [ids] # print the commands, run nothing
+#   bash launch.sh --rerun-stale   # also redo runs finished by other code (python -m fingerprint RUN_DIR says which)
+#   bash launch.sh --dry-run [ids] # print every chosen run's commands, run nothing (needs no torch)
+#
+# Ctrl-C stops every run; the same command resumes them from their checkpoints (saved every 2 minutes of
+# training in the demo, every 30 with MODEL). One launcher at a time per RUNS: a second one refuses and names
+# the first. Logs are appended, one header line per attempt: RUNS/<run>/train.log and eval.log,
+# RUNS/base-train.log.
 #
 # Environment:
 #   MODEL     checkpoint directory (a downloaded THUDM/chatglm-6b). Unset: the embedded default, a tiny
@@ -17,20 +23,28 @@
 #   PARALLEL  runs side by side, each on its own NPROC GPUs (default 1; 2 for the CPU demo). With 8 GPUs,
 #             NPROC=1 PARALLEL=8 runs eight single-GPU runs at once, as the study did on 8 A100s.
 #   RUNS      output directory (default runs)
+#   TRAIN_EXTRA, EVAL_EXTRA  arguments appended to every train.py (the demo's base model too) / evaluate.py
+#             command, for quick trials: TRAIN_EXTRA="--max-steps 5" EVAL_EXTRA="--max-samples 4"
+#   PY        the Python to run with (default: the .venv/ that scripts/env.sh builds; for --dry-run, which
+#             only reads MODEL/config.json with it: python3)
 set -euo pipefail
 cd "$(dirname "$0")"
 
+fail() { echo "launch.sh: $*" >&2; exit 2; }
+
+HOLDER="pid $$, since $(date '+%F %T'): ${MODEL:+MODEL=$MODEL }bash $0 $*"  # for a second launcher's refusal
 DRY=0
+RERUN=""
 IDS=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
-        ''|*[!0-9]*) echo "launch.sh: unknown argument '$arg' (ids are 0-22; --dry-run)" >&2; exit 2 ;;
-        *) IDS+=("$arg") ;;
+        --rerun-stale) RERUN=--rerun-stale ;;
+        ''|*[!0-9]*) fail "unknown argument '$arg' (ids are 0-22; --dry-run, --rerun-stale)" ;;
+        *) [ "$((10#$arg))" -le 22 ] || fail "no run id $arg (ids are 0-22)"; IDS+=("$((10#$arg))") ;;
     esac
 done
 
-if [ "$DRY" = 1 ]; then PY="${PY:-python3}"; else source scripts/env.sh; fi
 RUNS="${RUNS:-runs}"
 GPUS=$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | wc -l || echo 0)
 NPROC="${NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 1)}"
@@ -65,36 +79,37 @@ GRID="
 
 if [ -n "${MODEL:-}" ]; then
     DEMO=0
+    [ -d "$MODEL" ] || fail "MODEL=$MODEL: no such directory (expected a ChatGLM-6B checkpoint directory)"
+    [ -f "$MODEL/config.json" ] \
+        || fail "MODEL=$MODEL: no config.json in it (expected a ChatGLM-6B checkpoint directory)"
+    # json only, no torch: the dry run needs nothing but a Python
+    DEPTH=$("${PY:-python3}" -c 'import json, sys; print(int(json.load(open(sys.argv[1]))["num_layers"]))' \
+        "$MODEL/config.json" 2>/dev/null) || fail "$MODEL/config.json: no num_layers (expected a ChatGLM config)"
     DATA_DIR="${DATA_DIR:-$([ -d ../shared/data ] && echo ../shared/data || echo data/demo)}"
     PARALLEL="${PARALLEL:-1}"
     # The study's settings are train.py's defaults (lr 1e-5, 10 epochs, cosine, batch 8, bf16).
-    TRAIN_ARGS=""
+    TRAIN_ARGS="--save-minutes 30"
     EVAL_ARGS=""
 else
     DEMO=1
+    DEPTH=6  # model/chatglm.py PRESETS["tiny"]["num_layers"] (tests/test_launch.py checks it)
     MODEL="$RUNS/base-model"
     DATA_DIR="${DATA_DIR:-data/demo}"
     PARALLEL="${PARALLEL:-2}"
     # The tiny model learns in minutes only with larger steps than the 6B study's 1e-5.
-    TRAIN_ARGS="--lr 2e-3 --epochs 2 --batch-size 16 --precision fp32 --logging-steps 20 --save-steps 0"
+    TRAIN_ARGS="--lr 2e-3 --epochs 2 --batch-size 16 --precision fp32 --logging-steps 20 --save-steps 0
+        --save-minutes 2"
     EVAL_ARGS="--batch-size 100 --precision fp32"
     BASE_TRAIN="--model tiny --method full --dataset alpaca_gpt4_zh,chat_aux_zh --dataset-dir $DATA_DIR
-        --lr 3e-3 --epochs 12 --batch-size 16 --precision fp32 --warmup-steps 50 --logging-steps 50 --save-steps 0"
+        --lr 3e-3 --epochs 12 --batch-size 16 --precision fp32 --warmup-steps 50 --logging-steps 50 --save-steps 0
+        --save-minutes 2 --output-dir $RUNS/base-train ${TRAIN_EXTRA:-}"
 fi
+TRAIN_ARGS=$(echo $TRAIN_ARGS ${TRAIN_EXTRA:-})
+EVAL_ARGS=$(echo $EVAL_ARGS ${EVAL_EXTRA:-})
 
 launcher() {  # $1 = number of processes
     if [ "$1" -gt 1 ]; then echo "$PY -m torch.distributed.run --nproc_per_node $1"; else echo "$PY"; fi
 }
-
-depth() {
-    if [ "$DEMO" = 1 ]; then
-        $PY -c 'from model import ChatGLMConfig; print(ChatGLMConfig.from_name("tiny").num_layers)'
-    else
-        $PY -c 'import sys; from model import ChatGLMConfig; print(ChatGLMConfig.from_json(sys.argv[1]).num_layers)' \
-            "$MODEL/config.json"
-    fi
-}
-DEPTH=$(depth)
 
 layers_of() {  # grid name -> explicit layer range for this model's depth
     case "$1" in
@@ -117,16 +132,12 @@ run_commands() {
     if [ "$method" != base ]; then
         TRAIN_CMD="$run train.py --model $MODEL --method $method"
         [ "$target" != - ] && TRAIN_CMD="$TRAIN_CMD --target $target --layers $layers"
-        TRAIN_CMD="$TRAIN_CMD --dataset $data --dataset-dir $DATA_DIR$extra --output-dir $DIR $TRAIN_ARGS"
+        TRAIN_CMD="$TRAIN_CMD --dataset $data --dataset-dir $DATA_DIR$extra --output-dir $DIR"
+        TRAIN_CMD="$TRAIN_CMD${TRAIN_ARGS:+ $TRAIN_ARGS}"
     fi
     EVAL_CMD="$run evaluate.py --model $MODEL$([ "$method" != base ] && echo " --checkpoint $DIR")"
-    EVAL_CMD="$EVAL_CMD --dataset $EVAL_SETS --dataset-dir $DATA_DIR --max-samples 100 --output-dir $DIR/eval $EVAL_ARGS"
-    EVAL_CMD="${EVAL_CMD% }"
-    TRAIN_CMD="${TRAIN_CMD% }"
-}
-
-finished() {  # a run is finished when both evaluation sets have metrics
-    [ -f "$1/eval/roleplay_all_test/metrics.json" ] && [ -f "$1/eval/alpaca_gpt4_zh/metrics.json" ]
+    EVAL_CMD="$EVAL_CMD --dataset $EVAL_SETS --dataset-dir $DATA_DIR --max-samples 100 --output-dir $DIR/eval"
+    EVAL_CMD="$EVAL_CMD${EVAL_ARGS:+ $EVAL_ARGS}"
 }
 
 write_run_json() {  # DIR ID METHOD TARGET LAYERS AUX TRAIN_CMD EVAL_CMD
@@ -143,7 +154,35 @@ with open(f"{d}/run.json", "w", encoding="utf-8") as f:
 EOF
 }
 
-# one run: train (unless done), then evaluate; $1 = grid row, $2 = lane (GPU group)
+header() {  # LOG COMMAND...: the line that starts an attempt in LOG (logs are appended, never replaced)
+    local log=$1; shift
+    [ -n "$(tail -c 1 "$log" 2>/dev/null)" ] && echo >>"$log"  # an interrupted attempt can end mid-line
+    echo "=== $(date '+%F %T') $*" >>"$log"
+}
+
+attempt() {  # LOG COMMAND...: run a command, its output appended to LOG
+    header "$@"
+    local log=$1; shift
+    "$@" >>"$log" 2>&1
+}
+
+hms() {  # seconds -> 3m05s, 2h07m
+    if [ "$1" -ge 3600 ]; then printf '%dh%02dm' $(($1 / 3600)) $(($1 % 3600 / 60))
+    else printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); fi
+}
+
+report() {  # NAME SECONDS|- MESSAGE...: the progress line of a finished row ("-": skipped, not in the ETA)
+    local k ran secs eta=""
+    {  # the lanes share the count: append and count under a lock
+        flock 8
+        echo "$2" >&8
+        read -r k ran secs < <(awk '{k++} $1 != "-" {r++; s += $1} END {print k, r + 0, s + 0}' "$PROGRESS")
+    } 8>>"$PROGRESS"
+    [ "$ran" -gt 0 ] && [ "$k" -lt "$N" ] && eta=", ETA $(hms $((secs / ran * (N - k) / PARALLEL)))"
+    echo "[launch] run $k/$N $1: ${*:3} (elapsed $(hms $(($(date +%s) - START)))$eta)"
+}
+
+# one run, as its fingerprint says: train (resuming) and evaluate, evaluate again, or skip; $1 = grid row
 do_run() {
     read -r id method target grid_layers aux <<<"$1"
     run_commands "$id" "$method" "$target" "$(layers_of "$grid_layers")" "$aux"
@@ -153,14 +192,29 @@ do_run() {
         echo "$EVAL_CMD"
         return 0
     fi
-    if finished "$DIR"; then echo "[launch] $NAME: finished, skipped"; return 0; fi
+    local what t0
+    what=$($PY -m fingerprint "$DIR" $RERUN) \
+        || { echo "[launch] $NAME: python -m fingerprint $DIR failed" >&2; return 1; }
+    [ "$what" = train ] && [ -z "$TRAIN_CMD" ] && what=eval  # the base row (no run.json yet) is evaluation only
+    case "$what" in
+        done) report "$NAME" - "finished, skipped"; return 0 ;;
+        stale) report "$NAME" - "finished, but by other code (the table marks it; bash launch.sh --rerun-stale" \
+            "redoes it), skipped"; return 0 ;;
+    esac
+    t0=$(date +%s)
     write_run_json "$DIR" "$id" "$method" "$target" "$(layers_of "$grid_layers")" "$aux" "$TRAIN_CMD" "$EVAL_CMD"
-    echo "[launch] $NAME: started $(date +%H:%M:%S)"
-    if [ -n "$TRAIN_CMD" ] && [ ! -f "$DIR/train_results.json" ]; then
-        $TRAIN_CMD --resume > "$DIR/train.log" 2>&1 || { echo "[launch] $NAME: training failed, see $DIR/train.log" >&2; return 1; }
+    if [ "$what" = train ]; then
+        # a run finished by other code starts over; anything else continues from its latest checkpoint
+        local mode=--resume again=""
+        [ -f "$DIR/train_results.json" ] && mode=--overwrite again=" again (finished by other code)"
+        echo "[launch] $NAME: training$again, log $DIR/train.log"
+        attempt "$DIR/train.log" $TRAIN_CMD $mode || {
+            report "$NAME" $(($(date +%s) - t0)) "training failed, see $DIR/train.log" >&2; return 1; }
     fi
-    $EVAL_CMD > "$DIR/eval.log" 2>&1 || { echo "[launch] $NAME: evaluation failed, see $DIR/eval.log" >&2; return 1; }
-    echo "[launch] $NAME: done $(date +%H:%M:%S)"
+    echo "[launch] $NAME: evaluating, log $DIR/eval.log"
+    attempt "$DIR/eval.log" $EVAL_CMD || {
+        report "$NAME" $(($(date +%s) - t0)) "evaluation failed, see $DIR/eval.log" >&2; return 1; }
+    report "$NAME" $(($(date +%s) - t0)) "done in $(hms $(($(date +%s) - t0)))"
 }
 
 lane() {  # $1 = lane index: runs every PARALLEL-th selected row on its own GPUs / CPU thread
@@ -179,31 +233,65 @@ lane() {  # $1 = lane index: runs every PARALLEL-th selected row on its own GPUs
 }
 
 ROWS=$(echo "$GRID" | awk -v ids=" ${IDS[*]:-} " 'NF && (ids == "  " || index(ids, " " $1 " "))')
-
-if [ "$DEMO" = 1 ]; then
-    BASE_CMD="$PY train.py $BASE_TRAIN --output-dir $RUNS/base-train"
-    EXPORT_CMD="$PY -m adapters --model tiny --checkpoint $RUNS/base-train --output $MODEL"
-    if [ "$DRY" = 1 ]; then
-        echo "# base model for the demo: tiny ChatGLM trained on the general-knowledge data"
-        echo $BASE_CMD
-        echo $EXPORT_CMD
-    elif [ ! -f "$MODEL/config.json" ]; then
-        echo "[launch] training the demo's base model (tiny ChatGLM on the bundled general-knowledge data)"
-        mkdir -p "$RUNS/base-train"
-        $BASE_CMD --resume 2>&1 | tee "$RUNS/base-train.log" | grep -E "train_loss|Error|error" || true
-        [ -f "$RUNS/base-train/train_results.json" ] || { echo "[launch] base training failed: $RUNS/base-train.log" >&2; exit 1; }
-        $EXPORT_CMD
-    fi
-fi
+N=$(echo "$ROWS" | wc -l)
 
 if [ "$DRY" = 1 ]; then
+    PY="${PY:-python3}"
+    if [ "$DEMO" = 1 ]; then
+        echo "# base model for the demo: tiny ChatGLM trained on the general-knowledge data"
+        echo $PY train.py $BASE_TRAIN
+        echo $PY -m adapters --model tiny --checkpoint $RUNS/base-train --output $MODEL
+    fi
     PARALLEL=1 lane 0
     exit 0
 fi
+
+# One launcher per RUNS. The lock is held as long as this shell or any run it started lives.
+mkdir -p "$RUNS"
+exec 9>>"$RUNS/launch.lock"
+flock -n 9 || { echo "launch.sh: $RUNS is in use by another launcher ($(cat "$RUNS/launch.holder" 2>/dev/null));" \
+    "wait for it or stop it" >&2; exit 1; }
+echo "$HOLDER" >"$RUNS/launch.holder"
+PROGRESS="$RUNS/launch.progress"
+: >"$PROGRESS"
+START=$(date +%s)
+
+# Everything that runs long runs in its own process group, so that Ctrl-C reaches only this shell, which then
+# stops the groups as a whole (torchrun, its workers, tee) and says how to go on.
+GROUPS_RUNNING=()
+in_group() { set -m; "$@" </dev/null & GROUPS_RUNNING+=($!); set +m; }
+interrupted() {
+    trap '' INT TERM HUP
+    local pid
+    for pid in "${GROUPS_RUNNING[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    # The runs are gone when nothing holds the lock any more (their processes inherited it); KILL after 10 s.
+    exec 9>&-
+    flock -w 10 "$RUNS/launch.lock" true \
+        || for pid in "${GROUPS_RUNNING[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+    printf '\n[launch] interrupted: the runs stopped; the same command resumes them (checkpoints are kept)\n' >&2
+    exit 130
+}
+trap interrupted INT TERM HUP
+
+[ -n "${PY:-}" ] || source scripts/env.sh
+
+base_model() {  # the demo's base model with its progress bar on screen, resuming an interrupted training
+    header "$RUNS/base-train.log" $PY train.py $BASE_TRAIN --resume
+    $PY train.py $BASE_TRAIN --resume 2>&1 | tee -a "$RUNS/base-train.log"
+}
+if [ "$DEMO" = 1 ] && [ ! -f "$MODEL/config.json" ]; then
+    echo "[launch] training the demo's base model (tiny ChatGLM on the bundled general-knowledge data)"
+    in_group base_model
+    wait $! && [ -f "$RUNS/base-train/train_results.json" ] \
+        || { echo "[launch] base training failed: $RUNS/base-train.log" >&2; exit 1; }
+    $PY -m adapters --model tiny --checkpoint "$RUNS/base-train" --output "$MODEL"
+fi
+
+lanes=()
+for ((i = 0; i < PARALLEL; i++)); do in_group lane "$i"; lanes+=($!); done
 status=0
-pids=()
-for ((i = 0; i < PARALLEL; i++)); do lane "$i" & pids+=($!); done
-for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+for pid in "${lanes[@]}"; do wait "$pid" || status=1; done
 
 $PY evaluate.py --runs "$RUNS"
 exit $status

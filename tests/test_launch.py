@@ -1,14 +1,22 @@
-"""launch.sh --dry-run: the id -> arguments mapping against the study's grid (../shared/docs/experiment.md)."""
+"""launch.sh: the id -> arguments mapping of --dry-run against the study's grid (../shared/docs/experiment.md), bad
+input refused before anything runs, and real launches on a tiny checkpoint: the lock, reruns as the fingerprint
+says, Ctrl-C then resume, the demo's base model."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
-from model import ChatGLMConfig
+import fingerprint
+import rundir
+from model import ChatGLMConfig, ChatGLMModel, save_checkpoint
+from model.tokenizer import DEMO_TOKENIZER
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO.parent / "shared" / "docs" / "experiment.md"
@@ -51,10 +59,18 @@ def parse_grid(text):
     return rows
 
 
+KNOBS = ("MODEL", "DATA_DIR", "NPROC", "PARALLEL", "RUNS", "TRAIN_EXTRA", "EVAL_EXTRA", "PY")
+
+
+def launcher_env(**extra) -> dict:
+    """The caller's environment without launch.sh's knobs, running on this Python (not on .venv/)."""
+    env = {k: v for k, v in os.environ.items() if k not in KNOBS}
+    return {**env, "PY": sys.executable, **{k: str(v) for k, v in extra.items()}}
+
+
 def dry_run(env_extra, *ids):
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "DATA_DIR", "NPROC", "PARALLEL", "RUNS")}
     out = subprocess.run(["bash", "launch.sh", "--dry-run", *map(str, ids)], cwd=REPO, capture_output=True,
-                         text=True, env={**env, "PY": sys.executable, **env_extra}, check=True).stdout
+                         text=True, env=launcher_env(**env_extra), check=True).stdout
     runs, current = {}, None
     for line in out.splitlines():
         m = re.match(r"# (\d+): (\S+)", line)
@@ -109,18 +125,200 @@ def test_every_id_maps_to_the_grid_on_the_released_depth(model_6b):
             assert arg(tr, "--target") == trains and arg(tr, "--layers") == layers
         # the study's settings are train.py's defaults: nothing overrides them on a real checkpoint
         assert arg(tr, "--lr") is None and arg(tr, "--epochs") is None
+        # checkpoints by time for a resume after Ctrl-C, besides train.py's --save-steps
+        assert arg(tr, "--save-minutes") == "30" and arg(tr, "--save-steps") is None
     assert len({r["name"] for r in runs.values()}) == 23
 
 
 def test_tiny_default_maps_last_and_first_three_to_its_depth():
+    """launch.sh has the tiny preset's depth as a constant (its dry run imports no torch): it must be the preset's."""
     depth = ChatGLMConfig.from_name("tiny").num_layers
     runs = dry_run({}, 1, 3, 15)
     assert sorted(runs) == [1, 3, 15]
     layers = {i: arg([c for c in r["cmds"] if "train.py" in c][0], "--layers") for i, r in runs.items()}
     assert layers == {1: f"{depth - 3}-{depth - 1}", 3: "0-2", 15: f"0-{depth - 1}"}
+    assert {arg(c, "--save-minutes") for r in runs.values() for c in r["cmds"] if "train.py" in c} == {"2"}
 
 
 def test_multi_gpu_runs_through_torchrun(model_6b):
     runs = dry_run({"MODEL": str(model_6b), "NPROC": "8"}, 17)
     for cmd in runs[17]["cmds"]:
         assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "8"]
+
+
+# ---------------------------------------------------------------- no torch, bad input
+
+def test_dry_run_needs_no_torch(tmp_path, model_6b):
+    blocker = tmp_path / "no-torch" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('torch is blocked for this test')\n")
+    for model, layers in ((None, "0-5"), (model_6b, "0-27")):  # the demo's tiny model, a checkpoint directory
+        env = launcher_env(PYTHONPATH=blocker.parent, RUNS=tmp_path / "runs", **({"MODEL": model} if model else {}))
+        assert subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True).returncode != 0
+        done = subprocess.run(["bash", "launch.sh", "--dry-run", "--rerun-stale", "21"], cwd=REPO, text=True,
+                              capture_output=True, env=env)
+        assert done.returncode == 0, done.stderr
+        assert f"--layers {layers}" in done.stdout and "evaluate.py" in done.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("case", ["no directory", "no config.json", "id 99", "id 23 in a dry run", "a word"])
+def test_bad_model_or_id_is_one_line_before_anything_runs(tmp_path, case):
+    (tmp_path / "empty").mkdir()
+    env, args, expected = {
+        "no directory": ({"MODEL": tmp_path / "missing"}, [], f"MODEL={tmp_path / 'missing'}: no such directory"),
+        "no config.json": ({"MODEL": tmp_path / "empty"}, [], "no config.json in it"),
+        "id 99": ({}, ["99"], "no run id 99 (ids are 0-22)"),
+        "id 23 in a dry run": ({}, ["--dry-run", "23"], "no run id 23 (ids are 0-22)"),
+        "a word": ({}, ["14", "all"], "unknown argument 'all'"),
+    }[case]
+    done = subprocess.run(["bash", "launch.sh", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=launcher_env(RUNS=tmp_path / "runs", **env))
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and expected in done.stderr, done.stderr
+    assert not (tmp_path / "runs").exists()  # nothing trained, not even the demo's base model
+
+
+# ---------------------------------------------------------------- real launches on a tiny checkpoint (seconds each)
+
+# id 11 = LoRA on the MLP of the last three layers: a few steps on 16 samples, 4 samples per evaluation set
+RUN = "11-lora-mlp-3-5"
+TRAIN_EXTRA = ("--precision fp32 --max-samples 16 --batch-size 4 --max-source-length 48 --max-target-length 16 "
+               "--save-steps 2 --max-steps ")
+EVAL_EXTRA = "--precision fp32 --max-samples 4 --max-length 48 --max-source-length 40"
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    config = ChatGLMConfig.from_name("tiny")
+    return save_checkpoint(ChatGLMModel(config).init_weights(0).state_dict(), config,
+                           tmp_path_factory.mktemp("tiny") / "base", tokenizer_file=DEMO_TOKENIZER)
+
+
+def tiny_env(runs: Path, base: Path, steps: int) -> dict:
+    return launcher_env(MODEL=base, RUNS=runs, DATA_DIR="data/demo", OMP_NUM_THREADS=1,
+                        TRAIN_EXTRA=f"{TRAIN_EXTRA}{steps}", EVAL_EXTRA=EVAL_EXTRA)
+
+
+def launch(env: dict, *args) -> subprocess.CompletedProcess:
+    done = subprocess.run(["bash", "launch.sh", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def attempts(log: Path) -> list[str]:
+    return [line for line in log.read_text(encoding="utf-8").splitlines() if line.startswith("=== ")]
+
+
+def set_code(path: Path, code: str):
+    """What fingerprint.py reads of a train_results.json / metrics.json: the code that made it."""
+    record = json.loads(path.read_text(encoding="utf-8"))
+    record["fingerprint"] = {**record.get("fingerprint", {}), "code": code}
+    path.write_text(json.dumps(record), encoding="utf-8")
+
+
+def test_reruns_do_what_the_fingerprint_says(tmp_path, tiny_base):
+    runs = tmp_path / "runs"
+    env = tiny_env(runs, tiny_base, steps=4)
+    run = runs / RUN
+    results = [run / "train_results.json"] + [run / "eval" / s / "metrics.json" for s in fingerprint.EVAL_SETS]
+
+    out = launch(env, "11").stdout
+    assert f"[launch] run 1/1 {RUN}: done in" in out and "| 11 | lora |" in out
+    assert len(attempts(run / "train.log")) == 1 and len(attempts(run / "eval.log")) == 1
+
+    # the adapter changed after it was scored: evaluated again, not trained again
+    adapter = load_file(run / "adapter_model.safetensors")
+    save_file({k: v + 0.01 for k, v in adapter.items()}, run / "adapter_model.safetensors")
+    out = launch(env, "11").stdout
+    assert f"{RUN}: evaluating" in out and "training" not in out
+    assert len(attempts(run / "train.log")) == 1 and len(attempts(run / "eval.log")) == 2
+    for m in results[1:]:
+        assert json.loads(m.read_text())["checkpoint"]["sha256"] == fingerprint.adapter_sha256(run)
+
+    code = fingerprint.code_fingerprint()
+    for path in results:
+        set_code(path, code)
+    out = launch(env, "11").stdout
+    assert f"[launch] run 1/1 {RUN}: finished, skipped" in out
+
+    # made by other code: skipped until --rerun-stale, which trains it over
+    set_code(run / "train_results.json", "other code")
+    out = launch(env, "11").stdout
+    assert f"{RUN}: finished, but by other code" in out and "bash launch.sh --rerun-stale" in out
+    assert len(attempts(run / "train.log")) == 1
+    out = launch(env, "--rerun-stale", "11").stdout
+    assert f"{RUN}: training again" in out
+    (first, second) = attempts(run / "train.log")
+    assert first.endswith(" --resume") and second.endswith(" --overwrite")
+    assert len(attempts(run / "eval.log")) == 3
+
+
+def live_processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "stat").read_text().split(") ")[-1][0] != "Z":
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if text in cmdline:
+                    found.append(cmdline)
+        except OSError:
+            continue
+    return found
+
+
+def test_lock_then_ctrl_c_then_the_same_command_resumes(tmp_path, tiny_base):
+    runs = tmp_path / "runs"
+    env = tiny_env(runs, tiny_base, steps=300)
+    run = runs / RUN
+    first = subprocess.Popen(["bash", "launch.sh", "11"], cwd=REPO, env=env, start_new_session=True, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while rundir.latest_checkpoint(run) is None and first.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+
+        # a second launcher on the same runs directory refuses at once, naming the first
+        second = subprocess.run(["bash", "launch.sh", "11"], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 1 and len(second.stderr.splitlines()) == 1, second.stderr
+        assert f"{runs} is in use by another launcher (pid {first.pid}, since " in second.stderr
+        assert f"bash launch.sh 11)" in second.stderr
+
+        os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C does: the terminal's foreground process group
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 130, err
+    assert err.splitlines()[-1] == ("[launch] interrupted: the runs stopped; the same command resumes them "
+                                    "(checkpoints are kept)")
+    assert live_processes_mentioning(str(runs)) == []
+    stopped_at = int(rundir.latest_checkpoint(run).name.split("-")[1])
+    assert 2 <= stopped_at < 300 and not (run / "train_results.json").exists()
+
+    out = launch(env, "11").stdout
+    assert f"[launch] run 1/1 {RUN}: done in" in out
+    log = (run / "train.log").read_text(encoding="utf-8")
+    assert len(attempts(run / "train.log")) == 2  # the first attempt's lines are kept
+    assert log.count("16 samples, 4 steps per epoch, 300 steps") == 2
+    resumed = int(re.search(r"resuming at step (\d+)", log).group(1))
+    assert resumed >= stopped_at
+    assert json.loads((run / "train_results.json").read_text())["steps"] == 300
+
+
+def test_demo_trains_its_base_model_then_runs_two_lanes(tmp_path):
+    """The quick start (`bash launch.sh` without MODEL), cut down by TRAIN_EXTRA / EVAL_EXTRA: the base model is
+    trained with its progress on screen, exported, and ids 0 and 1 run side by side."""
+    runs = tmp_path / "runs"
+    env = launcher_env(RUNS=runs, OMP_NUM_THREADS=1, TRAIN_EXTRA="--max-steps 3 --max-samples 16",
+                       EVAL_EXTRA=EVAL_EXTRA)
+    out = launch(env, "0", "1").stdout
+    assert "[launch] training the demo's base model" in out and "full: 100%" in out  # train.py's bar on screen
+    assert (runs / "base-model" / "config.json").is_file()
+    assert len(attempts(runs / "base-train.log")) == 1
+    counts = sorted(re.findall(r"\[launch\] run (\d)/2 ", out))
+    assert counts == ["1", "2"], out  # one count shared by both lanes
+    for name in ("0-base", "1-freeze-mlp-3-5"):
+        assert (runs / name / "eval" / "alpaca_gpt4_zh" / "metrics.json").is_file()
