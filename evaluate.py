@@ -419,8 +419,8 @@ def main(argv=None):
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a full disk, a read-only or forbidden path
-        print(f"evaluate.py: error: {explain(e)}; finished batches stay in generated_predictions.partial-*.jsonl "
-              "and the same command resumes from them", file=sys.stderr)
+        print(f"evaluate.py: error: {explain(e)}; batches already finished stay in "
+              "generated_predictions.partial-*.jsonl and the same command resumes from them", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         if rank == 0:

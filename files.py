@@ -71,10 +71,10 @@ def explain(e: OSError) -> str:
     """One line for a failed file operation: the path, the reason, what to do."""
     path = Path(e.filename) if e.filename else None
     free = free_bytes(path) if path else None
-    if e.errno == errno.ENOSPC or (free is not None and free < 16 * 2**20):
-        hint = f"the disk is full ({free / 2**20:.0f} MiB free): free space or choose another output directory"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         hint = "not writable: choose another output directory or fix its permissions"
+    elif e.errno == errno.ENOSPC or (free is not None and free < 16 * 2**20):
+        hint = f"the disk is full ({(free or 0) / 2**20:.0f} MiB free): free space or choose another output directory"
     else:
         hint = "check the path and the disk"
     return f"{path or 'a file'}: {e.strerror or e}; {hint}"

@@ -215,6 +215,8 @@ def test_explain_says_what_to_do():
     assert full.startswith("/tmp/x/y: No space left on device") and "disk is full" in full
     denied = files.explain(PermissionError(errno.EACCES, "Permission denied", "/nope/run"))
     assert "not writable" in denied
+    read_only = files.explain(OSError(errno.EROFS, "Read-only file system", "/"))
+    assert "not writable" in read_only and "full" not in read_only
 
 
 @pytest.fixture
