@@ -23,6 +23,9 @@
 #   PARALLEL  runs side by side, each on its own NPROC GPUs (default 1; 2 for the CPU demo). With 8 GPUs,
 #             NPROC=1 PARALLEL=8 runs eight single-GPU runs at once, as the study did on 8 A100s.
 #   RUNS      output directory (default runs)
+#   SEEDS     k: train and evaluate every chosen row with k seeds, 42, 43, ... (default 1: seed 42 only). Seed S
+#             runs in RUNS/<id>-<name>-seedS (42: RUNS/<id>-<name>) with train.py and evaluate.py --seed S; the
+#             table gives each row's mean +- sd over its seeds.
 #   TRAIN_EXTRA, EVAL_EXTRA  arguments appended to every train.py (the demo's base model too) / evaluate.py
 #             command, for quick trials: TRAIN_EXTRA="--max-steps 5" EVAL_EXTRA="--max-samples 4"
 #   PY        the Python to run with (default: the .venv/ that scripts/env.sh builds; for --dry-run, which
@@ -46,6 +49,8 @@ for arg in "$@"; do
 done
 
 RUNS="${RUNS:-runs}"
+SEEDS="${SEEDS:-1}"
+case "$SEEDS" in ''|*[!0-9]*|0) fail "SEEDS=$SEEDS: expected a number of seeds, at least 1" ;; esac
 GPUS=$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | wc -l || echo 0)
 NPROC="${NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 1)}"
 EVAL_SETS="roleplay_all_test,alpaca_gpt4_zh"
@@ -120,12 +125,13 @@ layers_of() {  # grid name -> explicit layer range for this model's depth
     esac
 }
 
-# run_commands ID METHOD TARGET LAYERS AUX -> sets NAME, DIR, TRAIN_CMD, EVAL_CMD
+# run_commands ID METHOD TARGET LAYERS AUX SEED -> sets NAME, DIR, TRAIN_CMD, EVAL_CMD
 run_commands() {
-    local id=$1 method=$2 target=$3 layers=$4 aux=$5 data="roleplay_all_train" extra=""
+    local id=$1 method=$2 target=$3 layers=$4 aux=$5 seed=$6 data="roleplay_all_train" extra=""
     NAME="$id-$method"
     [ "$target" != - ] && NAME="$NAME-$target-$layers"
     [ "$aux" = yes ] && NAME="$NAME-aux" && data="roleplay_all_train,chat_aux_zh" && extra=" --max-samples 10000"
+    [ "$seed" != 42 ] && NAME="$NAME-seed$seed" && extra="$extra --seed $seed"  # 42: train.py's default
     DIR="$RUNS/$NAME"
     local run; run=$(launcher "$NPROC")
     TRAIN_CMD=""
@@ -137,16 +143,17 @@ run_commands() {
     fi
     EVAL_CMD="$run evaluate.py --model $MODEL$([ "$method" != base ] && echo " --checkpoint $DIR")"
     EVAL_CMD="$EVAL_CMD --dataset $EVAL_SETS --dataset-dir $DATA_DIR --max-samples 100 --output-dir $DIR/eval"
+    [ "$seed" != 42 ] && EVAL_CMD="$EVAL_CMD --seed $seed"
     EVAL_CMD="$EVAL_CMD${EVAL_ARGS:+ $EVAL_ARGS}"
 }
 
-write_run_json() {  # DIR ID METHOD TARGET LAYERS AUX TRAIN_CMD EVAL_CMD
+write_run_json() {  # DIR ID METHOD TARGET LAYERS AUX SEED TRAIN_CMD EVAL_CMD
     mkdir -p "$1"
     $PY - "$@" <<'EOF'
 import json, sys
-d, i, method, target, layers, aux, train_cmd, eval_cmd = sys.argv[1:]
+d, i, method, target, layers, aux, seed, train_cmd, eval_cmd = sys.argv[1:]
 run = {"id": int(i), "name": d.rstrip("/").split("/")[-1], "method": method if method != "base" else "none",
-       "target": target, "layers": layers, "aux": aux == "yes",
+       "target": target, "layers": layers, "aux": aux == "yes", "seed": int(seed),
        "commands": [c for c in (train_cmd, eval_cmd) if c]}
 with open(f"{d}/run.json", "w", encoding="utf-8") as f:
     json.dump(run, f, indent=2)
@@ -184,8 +191,8 @@ report() {  # NAME SECONDS|- MESSAGE...: the progress line of a finished row ("-
 
 # one run, as its fingerprint says: train (resuming) and evaluate, evaluate again, or skip; $1 = grid row
 do_run() {
-    read -r id method target grid_layers aux <<<"$1"
-    run_commands "$id" "$method" "$target" "$(layers_of "$grid_layers")" "$aux"
+    read -r id method target grid_layers aux seed <<<"$1"
+    run_commands "$id" "$method" "$target" "$(layers_of "$grid_layers")" "$aux" "$seed"
     if [ "$DRY" = 1 ]; then
         echo "# $id: $NAME"
         [ -n "$TRAIN_CMD" ] && echo "$TRAIN_CMD"
@@ -202,7 +209,8 @@ do_run() {
             "redoes it), skipped"; return 0 ;;
     esac
     t0=$(date +%s)
-    write_run_json "$DIR" "$id" "$method" "$target" "$(layers_of "$grid_layers")" "$aux" "$TRAIN_CMD" "$EVAL_CMD"
+    write_run_json "$DIR" "$id" "$method" "$target" "$(layers_of "$grid_layers")" "$aux" "$seed" "$TRAIN_CMD" \
+        "$EVAL_CMD"
     if [ "$what" = train ]; then
         # a run finished by other code starts over; anything else continues from its latest checkpoint
         local mode=--resume again=""
@@ -232,7 +240,9 @@ lane() {  # $1 = lane index: runs every PARALLEL-th selected row on its own GPUs
     return $status
 }
 
-ROWS=$(echo "$GRID" | awk -v ids=" ${IDS[*]:-} " 'NF && (ids == "  " || index(ids, " " $1 " "))')
+# the chosen grid rows, each once per seed (seed after row: the seeds of a row run side by side)
+ROWS=$(echo "$GRID" | awk -v ids=" ${IDS[*]:-} " -v seeds="$SEEDS" \
+    'NF && (ids == "  " || index(ids, " " $1 " ")) {for (s = 0; s < seeds; s++) print $0, 42 + s}')
 N=$(echo "$ROWS" | wc -l)
 
 if [ "$DRY" = 1 ]; then

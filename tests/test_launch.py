@@ -59,7 +59,7 @@ def parse_grid(text):
     return rows
 
 
-KNOBS = ("MODEL", "DATA_DIR", "NPROC", "PARALLEL", "RUNS", "TRAIN_EXTRA", "EVAL_EXTRA", "PY")
+KNOBS = ("MODEL", "DATA_DIR", "NPROC", "PARALLEL", "RUNS", "TRAIN_EXTRA", "EVAL_EXTRA", "PY", "SEEDS")
 
 
 def launcher_env(**extra) -> dict:
@@ -83,6 +83,25 @@ def dry_run(env_extra, *ids):
 
 def arg(cmd, flag):
     return cmd[cmd.index(flag) + 1] if flag in cmd else None
+
+
+def test_seeds_run_every_row_once_per_seed(model_6b):
+    out = subprocess.run(["bash", "launch.sh", "--dry-run", "0", "17"], cwd=REPO, capture_output=True, text=True,
+                         env=launcher_env(MODEL=model_6b, SEEDS=3), check=True).stdout.splitlines()
+    names = [line.split()[2] for line in out if line.startswith("# ")]
+    assert names == ["0-base", "0-base-seed43", "0-base-seed44",
+                     "17-lora-qkv-25-27", "17-lora-qkv-25-27-seed43", "17-lora-qkv-25-27-seed44"]
+    cmds = [line.split() for line in out if "train.py" in line or "evaluate.py" in line]
+    for cmd in cmds:
+        seed = arg(cmd, "--seed")
+        where = arg(cmd, "--output-dir")
+        assert (seed is None) == ("seed4" not in where), cmd  # seed 42 is train.py's and evaluate.py's default
+        if seed is not None:
+            assert f"-seed{seed}" in where
+    assert sum(arg(c, "--seed") == "44" for c in cmds) == 3  # 0's evaluation, 17's training and evaluation
+    bad = subprocess.run(["bash", "launch.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                         env=launcher_env(SEEDS="0"))
+    assert bad.returncode == 2 and "SEEDS=0" in bad.stderr
 
 
 def test_grid_copy_matches_experiment_md():
