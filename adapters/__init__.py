@@ -6,7 +6,8 @@
     print(trainable_report(model))
     save_adapter(model, spec, out_dir)  # adapter.json + adapter_model.safetensors (+ PEFT's adapter_config.json)
 """
-from .checkpoint import base_model_id, base_weights, copy_weights, load_adapter, read_adapter, save_adapter
+from .checkpoint import (base_model_id, base_weights, copy_weights, load_adapter, read_adapter, save_adapter,
+                         write_peft_bin)
 from .dispatch import (METHODS, AdapterSpec, add_adapter_args, apply_adapter, attach_adapter, trainable_report,
                        trainable_state_dict)
 from .export import export_merged
@@ -16,4 +17,5 @@ from .ptuning import PrefixEncoder
 
 __all__ = ["METHODS", "AdapterSpec", "LoRALinear", "PrefixEncoder", "add_adapter_args", "apply_adapter",
            "attach_adapter", "base_model_id", "base_weights", "copy_weights", "export_merged", "load_adapter",
-           "merge_lora", "parse_layers", "read_adapter", "save_adapter", "trainable_report", "trainable_state_dict"]
+           "merge_lora", "parse_layers", "read_adapter", "save_adapter", "trainable_report", "trainable_state_dict",
+           "write_peft_bin"]

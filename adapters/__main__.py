@@ -1,7 +1,15 @@
 """python -m adapters --model BASE --checkpoint ADAPTER_DIR --output OUT_DIR [--dtype bfloat16]
+python -m adapters --peft-bin ADAPTER_DIR
 
-Merges an adapter into its base model and writes a checkpoint directory (adapters/export.py).
+Merges an adapter into its base model and writes a checkpoint directory, or writes a LoRA adapter's
+adapter_model.bin for PEFT <= 0.3 (adapters/export.py).
 """
+import sys
+
 from .export import main
 
-main()
+try:
+    main()
+except (ValueError, FileNotFoundError) as e:
+    print(f"python -m adapters: error: {e}", file=sys.stderr)
+    sys.exit(1)

@@ -6,6 +6,8 @@ An adapter directory holds
   adds: LoRA under PEFT's key names (`base_model.model.transformer.layers.25.attention.query_key_value.lora_A.weight`)
   next to PEFT's `adapter_config.json`; Freeze / full / P-Tuning under the model's own key names
   (P-Tuning: `transformer.prefix_encoder.embedding.weight`, the reference's names).
+PEFT <= 0.3 reads only `adapter_model.bin`: `write_peft_bin` (`python -m adapters --peft-bin DIR`) writes it
+beside a LoRA adapter's safetensors file, the same tensors under the same keys, and `save_adapter` keeps it in step.
 `load_adapter` also reads LoRA adapters written by PEFT (no adapter.json; `.safetensors` or `.bin`)
 and P-Tuning v2 checkpoints of the reference code (prefix length and projection read off the shapes).
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from files import write_json, writing
 from model.loader import read_shard
@@ -30,7 +32,8 @@ from .lora import PEFT_PREFIX
 ARCH_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size",
                "bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id")
 WEIGHTS = "adapter_model.safetensors"
-ADAPTER_FILES = ("adapter.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+PEFT_BIN = "adapter_model.bin"
+ADAPTER_FILES = ("adapter.json", "adapter_config.json", WEIGHTS, PEFT_BIN)
 PREFIX_KEY = "transformer.prefix_encoder."
 
 
@@ -95,7 +98,8 @@ def save_adapter(model: nn.Module, spec: AdapterSpec, out_dir, base_model_name: 
 
     The files are written to a temp directory inside `out_dir`, then moved in one by one with
     `adapter.json` last, so a directory with adapter.json is complete. Other files in `out_dir`
-    (logs, run.json) are left alone; adapter files of an earlier save are replaced.
+    (logs, run.json) are left alone; adapter files of an earlier save are replaced, a LoRA adapter's
+    adapter_model.bin (write_peft_bin) by one with the new tensors, any other method's by nothing.
     """
     tensors = {k: t.to("cpu").contiguous() for k, t in trainable_state_dict(model).items()}
     if not tensors:
@@ -116,6 +120,8 @@ def save_adapter(model: nn.Module, spec: AdapterSpec, out_dir, base_model_name: 
         for name, content in beside.items():
             write_json(tmp / name, content)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if spec.method == "lora" and (out_dir / PEFT_BIN).is_file():
+            torch.save(tensors, tmp / PEFT_BIN)
         write_json(tmp / "adapter.json", meta)
 
     written = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == "adapter.json")  # adapter.json last
@@ -127,6 +133,28 @@ def save_adapter(model: nn.Module, spec: AdapterSpec, out_dir, base_model_name: 
         os.replace(tmp / name, out_dir / name)
     tmp.rmdir()
     return out_dir
+
+
+def write_peft_bin(adapter_dir) -> Path:
+    """adapter_model.bin beside a LoRA adapter's adapter_model.safetensors: the same tensors under the same keys
+    (PEFT's), for PEFT <= 0.3, which reads only the .bin. Written to a temp file and renamed."""
+    d = Path(adapter_dir)
+    method = json.loads((d / "adapter.json").read_text(encoding="utf-8"))["method"] \
+        if (d / "adapter.json").is_file() else None
+    if method not in (None, "lora"):
+        raise ValueError(f"{d}: a {METHODS[method].TITLE} adapter; only LoRA adapters have PEFT's layout "
+                         "(adapter_config.json), so only they get an adapter_model.bin. Load this one with "
+                         "evaluate.py --checkpoint, or merge it (python -m adapters --model BASE --checkpoint DIR "
+                         "--output OUT)")
+    if not (d / "adapter_config.json").is_file() or not (d / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{d}: expected a LoRA adapter (adapter_config.json + {WEIGHTS}, as train.py "
+                                "--method lora writes)")
+    tensors = load_file(str(d / WEIGHTS))
+    tmp = d / (PEFT_BIN + ".tmp")
+    with writing(d / PEFT_BIN):
+        torch.save(tensors, tmp)
+        os.replace(tmp, d / PEFT_BIN)
+    return d / PEFT_BIN
 
 
 # ---------------------------------------------------------------- reading
@@ -167,7 +195,8 @@ def read_adapter(adapter_dir, config) -> tuple[AdapterSpec, Path]:
             raise ValueError(f"{d}: adapter made for base {base['id']} ({describe_base(base)}) but the model is "
                              f"{base_model_id(config)} ({describe_base(arch_of(config))}); "
                              "load the base model the adapter was trained on (--model)")
-        return AdapterSpec.from_dict(meta["settings"]), d / WEIGHTS
+        file = d / WEIGHTS if (d / WEIGHTS).is_file() or not (d / PEFT_BIN).is_file() else d / PEFT_BIN
+        return AdapterSpec.from_dict(meta["settings"]), file
     if (d / "adapter_config.json").is_file():
         return read_peft(d)
     for file in candidate_files(d):
@@ -198,7 +227,7 @@ def read_peft(d: Path) -> tuple[AdapterSpec, Path]:
                          "only LoRA matrices are supported (bias 'none', no modules_to_save)")
     if cfg.get("fan_in_fan_out"):
         raise ValueError(f"{where}: fan_in_fan_out=true is for Conv1D models (GPT-2), not ChatGLM")
-    files = [d / n for n in (WEIGHTS, "adapter_model.bin") if (d / n).is_file()]
+    files = [d / n for n in (WEIGHTS, PEFT_BIN) if (d / n).is_file()]
     if not files:
         raise FileNotFoundError(f"{d}: adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
     # The weights say exactly which modules carry LoRA; PEFT's own suffix match may differ from ours.

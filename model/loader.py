@@ -19,6 +19,12 @@ from .tokenizer import tokenizer_config_json
 
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # recomputed (chatglm.rotary_inv_freq)
 TIED = {"lm_head.weight": "transformer.word_embeddings.weight"}  # stored key -> the one matrix, when tied
+# What the released config.json says beyond the architecture, so that transformers finds the model's code
+# (the released .py files beside the weights: AutoModel.from_pretrained(DIR, trust_remote_code=True)).
+RELEASED_CONFIG = {"architectures": ["ChatGLMModel"],
+                   "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                                "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                                "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}}
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -125,9 +131,13 @@ def load_model(path_or_preset, dtype=torch.float32, device="cpu", seed: int = 0)
 
 
 def save_checkpoint(state_dict: dict, config: ChatGLMConfig, out_dir, max_shard_bytes: int = 2 << 30,
-                    tokenizer_file=None):
+                    tokenizer_file=None, copy_files=()):
     """Write `state_dict` (released key names) as sharded safetensors + index + config.json, atomically:
-    everything goes to a sibling temp directory that replaces `out_dir` only when complete."""
+    everything goes to a sibling temp directory that replaces `out_dir` only when complete.
+
+    config.json is the released one's keys plus ours, `tie_word_embeddings` included (transformers ties the
+    output layer to the embedding when the key is missing). `copy_files` are copied in last under their own
+    names (a base's modeling_chatglm.py, its tokenizer_config.json over ours)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -149,9 +159,13 @@ def save_checkpoint(state_dict: dict, config: ChatGLMConfig, out_dir, max_shard_
             weight_map[k] = name
             total += t.numel() * t.element_size()
     write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    write_json(tmp / "config.json", config.to_dict())
+    dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())
+    write_json(tmp / "config.json", {**config.to_dict(), **RELEASED_CONFIG,
+                                     "torch_dtype": str(dtype).removeprefix("torch.")})
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / "ice_text.model")
         (tmp / "tokenizer_config.json").write_text(tokenizer_config_json() + "\n", encoding="utf-8")
+    for file in copy_files:
+        shutil.copyfile(file, tmp / Path(file).name)
     replace_dir(tmp, out_dir)
     return out_dir

@@ -9,7 +9,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from adapters import (METHODS, AdapterSpec, LoRALinear, add_adapter_args, apply_adapter, base_model_id, export_merged,
-                      load_adapter, merge_lora, parse_layers, save_adapter, trainable_report, trainable_state_dict)
+                      load_adapter, merge_lora, parse_layers, save_adapter, trainable_report, trainable_state_dict,
+                      write_peft_bin)
 from adapters.export import main as export_main
 from model import ChatGLMConfig, ChatGLMModel, generate_ids, load_model, save_checkpoint
 from files import write_json
@@ -483,6 +484,71 @@ def test_export_cli_and_ptuning_refusal(tmp_path):
     with pytest.raises(ValueError, match="P-Tuning v2 adapter cannot be merged"):
         export_merged(base, tmp_path / "pt", tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_config_and_the_base_code_are_what_transformers_needs(tied, tmp_path):
+    # transformers (AutoModel, trust_remote_code) reads auto_map to find the released .py files beside the weights,
+    # and ties lm_head to the embedding when tie_word_embeddings is missing: every key must be written
+    config = dataclasses.replace(SMALL, tie_word_embeddings=tied)
+    base = tmp_path / "base"
+    save_checkpoint({k: v.half() for k, v in small_model(config=config).state_dict().items()}, config, base)
+    released = {n: f"# {n} of the release\n" for n in ("configuration_chatglm.py", "modeling_chatglm.py",
+                                                        "tokenization_chatglm.py", "quantization.py")}
+    released["tokenizer_config.json"] = '{"auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", null]}}'
+    for name, text in released.items():
+        (base / name).write_text(text)
+    (base / "ice_text.model").write_bytes(b"tokenizer bytes")
+    model = load_model(base)  # float32 of the stored float16 weights
+    apply_adapter(model, dataclasses.replace(SPECS["lora-qkv"]))
+    perturb(model)
+    save_adapter(model, SPECS["lora-qkv"], tmp_path / "lora")
+    export_merged(base, tmp_path / "lora", tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is tied and cfg["torch_dtype"] == "float16"
+    assert cfg["architectures"] == ["ChatGLMModel"] and cfg["model_type"] == "chatglm"
+    assert cfg["auto_map"] == {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                               "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                               "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
+    for name, text in released.items():  # the base's tokenizer_config.json replaces ours
+        assert (tmp_path / "out" / name).read_text() == text
+    merged = load_model(tmp_path / "out")
+    assert merged.config.tie_word_embeddings is tied
+    assert (merged(batch()) - model(batch())).abs().max() < 0.01  # merged weights rounded to float16 (effect: 2)
+
+
+# ---------------------------------------------------------------- PEFT <= 0.3: adapter_model.bin
+
+def test_peft_bin_holds_the_safetensors_tensors_and_loads_alone(tmp_path):
+    model, ids = adapted("lora-qkv"), batch()
+    save_adapter(model, SPECS["lora-qkv"], tmp_path)
+    export_main(["--peft-bin", str(tmp_path)])
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    written = torch.load(tmp_path / "adapter_model.bin", weights_only=True)
+    assert list(written) == list(saved) and all(torch.equal(written[k], saved[k]) for k in saved)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    for files in ("adapter.json + adapter_config.json + .bin", "adapter_config.json + .bin (what PEFT 0.3 reads)"):
+        fresh = small_model()
+        assert load_adapter(fresh, tmp_path).method == "lora", files
+        assert torch.equal(fresh(ids), model(ids)), files
+        (tmp_path / "adapter.json").unlink(missing_ok=True)
+
+
+def test_peft_bin_follows_a_resave_and_is_lora_only(tmp_path):
+    save_adapter(adapted("lora-qkv"), SPECS["lora-qkv"], tmp_path)
+    write_peft_bin(tmp_path)
+    save_adapter(adapted("lora-qkv", seed=1), SPECS["lora-qkv"], tmp_path)  # new weights: the .bin follows
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    written = torch.load(tmp_path / "adapter_model.bin", weights_only=True)
+    assert all(torch.equal(written[k], saved[k]) for k in saved)
+    save_adapter(adapted("freeze-qkv"), SPECS["freeze-qkv"], tmp_path)  # another method: no PEFT files left
+    assert not (tmp_path / "adapter_model.bin").exists() and not (tmp_path / "adapter_config.json").exists()
+    with pytest.raises(ValueError, match="a Freeze adapter; only LoRA adapters have PEFT's layout"):
+        write_peft_bin(tmp_path)
+    with pytest.raises(FileNotFoundError, match="expected a LoRA adapter"):
+        write_peft_bin(tmp_path / "nothing")
+    with pytest.raises(SystemExit):
+        export_main(["--peft-bin", str(tmp_path), "--model", "tiny"])
 
 
 def test_loaded_adapters_run_in_a_bf16_model_without_autocast(tmp_path):
