@@ -4,7 +4,7 @@
     torchrun --nproc_per_node N evaluate.py ...      # samples split across ranks, same scores as 1 process
     python evaluate.py --runs runs [--model PATH]    # the table of every run (evaluating missing ones with --model)
     python evaluate.py --from-predictions FILE       # recompute metrics.json from generated_predictions.jsonl
-    python evaluate.py --chat --model PATH [--checkpoint RUN]
+    python evaluate.py --chat --model PATH [--checkpoint RUN] [--quantize int4]   # int8/int4 frozen weights
 
 Generation follows the study: sampling with top_p 0.7, temperature 0.95, at most 768 tokens of prompt plus
 answer. Each sample draws from its own generator seeded by (--seed, sample index), and the batches are
@@ -29,6 +29,7 @@ from data.registry import reserved_in
 from files import explain, read_jsonl, write_json, write_text
 from metrics import DEFINITION, METRICS, corpus_scores, versions
 from model import ATTENTION_KERNELS, generate_ids, load_model, load_tokenizer, sample_seed
+from model.quant import MODES as QUANT_MODES, quantize_model
 from results import read_runs, write_results
 from fingerprint import adapter_sha256, code_fingerprint, data_fingerprint, git_commit, short_hash
 from flags import COUNT, POSITIVE, PROBABILITY, number
@@ -54,6 +55,9 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=42, help="sample i draws from a generator seeded by (seed, i)")
     g.add_argument("--batch-size", type=COUNT, default=32, help="prompts per batch per process")
     g.add_argument("--precision", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--quantize", choices=QUANT_MODES, default="none",
+                   help="the blocks' Linear weights stored int8 (per output channel) or int4 (groups of 128) and "
+                        "dequantized at each matmul; LoRA then stays unmerged beside them")
     g.add_argument("--timeout-minutes", type=POSITIVE, default=30, help="process-group timeout (torchrun)")
     g.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa", help="attention kernel")
     g.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graphs on CUDA); same tokens")
@@ -74,20 +78,28 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- model
-def load_for_inference(model_path: str, checkpoint, precision, device, force: bool = False):
-    """Base model (+ adapter, merged where its method can) in the inference dtype -> (model, identity)."""
+def load_for_inference(model_path: str, checkpoint, precision, device, force: bool = False, quantize: str = "none"):
+    """Base model (+ adapter, merged where its method can) in the inference dtype, its blocks' Linears quantized
+    by `quantize` -> (model, identity)."""
     dtype = DTYPES[precision or ("bf16" if device.type == "cuda" else "fp32")]
-    model = load_model(model_path, dtype=dtype, device=device)
+    # Quantizing, the base is loaded on the CPU and goes to the device layer by layer: never whole in float there.
+    model = load_model(model_path, dtype=dtype, device=device if quantize == "none" else "cpu").requires_grad_(False)
     identity = {"model": {"path": str(model_path), "base_model_id": base_model_id(model.config),
-                          "dtype": str(dtype).removeprefix("torch.")}, "checkpoint": None}
+                          "dtype": str(dtype).removeprefix("torch."),
+                          **({"quantize": quantize} if quantize != "none" else {})}, "checkpoint": None}
     if checkpoint is not None:
-        spec = load_adapter(model, checkpoint, force)  # raises if made for another base model or other weights
+        spec = load_adapter(model, checkpoint, force)  # checked on the float weights: made for another base?
+        if quantize != "none" and spec.method == "full":
+            raise ValueError(f"{checkpoint}: --quantize {quantize} quantizes the weights an adapter leaves frozen, and "
+                             "full fine-tuning trained them all; export it (python -m adapters --model BASE "
+                             "--checkpoint RUN --output DIR) and evaluate --model DIR --quantize " + quantize)
         merge = METHODS[spec.method].merge
-        if merge is not None:
+        if merge is not None and quantize == "none":  # LoRA cannot merge into quantized weights: it stays beside
             merge(model)  # LoRA: one matmul per projection again, generation runs at base-model speed
         identity["checkpoint"] = {"path": str(checkpoint), "adapter": spec.to_dict(),
                                   "sha256": adapter_sha256(checkpoint)}
-    model.eval()
+    quantize_model(model, quantize, device)  # the frozen ones: Freeze's trained layers stay float, as in training
+    model.to(device).eval()
     return model, identity
 
 
@@ -255,7 +267,7 @@ def evaluate_run(args, gen: GenerationSettings, checkpoint, out_dir: Path, datas
     all_samples = {name: build_eval_samples(tokenizer, name, args.dataset_dir, args.max_samples,
                                             gen.max_source_length, gen.source_prefix, args.skip_bad_records)
                    for name in datasets}
-    model, identity = load_for_inference(args.model, checkpoint, args.precision, device, args.force)
+    model, identity = load_for_inference(args.model, checkpoint, args.precision, device, args.force, args.quantize)
     selection = {"dataset_dir": str(args.dataset_dir), "max_samples": args.max_samples}
     return {name: evaluate_dataset(model, tokenizer, identity, name, samples, out_dir / name, gen, selection,
                                    rank, world)
@@ -359,7 +371,7 @@ def read_query() -> str | None:
 
 def chat(args, gen: GenerationSettings, device):
     tokenizer = load_tokenizer(args.model)
-    model, _ = load_for_inference(args.model, args.checkpoint, args.precision, device, args.force)
+    model, _ = load_for_inference(args.model, args.checkpoint, args.precision, device, args.force, args.quantize)
     model.transformer.attention = gen.attention
     # The special pieces the decode rule keeps as text ([gMASK], [sMASK], <unused_0>, <ENC>, <dBLOCK>) would
     # show on the screen and, re-encoded from the history, break the next prompt: chat never generates them.

@@ -39,6 +39,7 @@ from adapters import AdapterSpec, add_adapter_args, apply_adapter, base_weights,
 from data import (IGNORE, add_data_args, build_train_samples, collate_train, format_report, global_batches,
                   rank_share)
 from model import ATTENTION_KERNELS, ChatGLMModel, load_config, load_model, load_tokenizer, token_loss_sum
+from model.quant import MODES as QUANT_MODES, base_weight_bytes, quantize_model
 
 # launch.sh's settings for the demo's grid runs (TRAIN_ARGS there): larger steps than the 6B study's, fp32 on a CPU.
 DEMO_SETTINGS = {"lr": 2e-3, "epochs": 2, "batch_size": 16, "precision": "fp32"}
@@ -80,6 +81,10 @@ def parse_args(argv=None):
                    help="frozen weights are stored in this dtype and compute runs under autocast to it (also on "
                         "CPU, where bf16 is fast only with AVX512-BF16/AMX: use fp32 elsewhere); trainable weights "
                         "and the optimizer stay float32; fp16 adds loss scaling")
+    g.add_argument("--quantize", choices=QUANT_MODES, default="none",
+                   help="store the frozen Linear weights of the blocks quantized (model/quant.py): int8 per output "
+                        "channel, int4 in groups of 128; embeddings, norms, the output layer and trained weights "
+                        "stay as they are (lora, ptuning, freeze; not full; with --dist ddp)")
     g.add_argument("--dist", choices=["ddp", "fsdp"], default="ddp",
                    help="with several processes: DDP replicates the model; FSDP2 shards it (for --method full)")
     g.add_argument("--dist-timeout", type=POSITIVE, default=30, help="minutes a collective may wait for a hung rank")
@@ -160,10 +165,13 @@ def build_model(args, spec: AdapterSpec, resume_from: Path | None, device) -> Ch
     """The base in --precision with the adapter applied (trainable tensors in float32); on resume, the
     checkpoint's trainable weights. Only the method's tensors require grad."""
     torch.manual_seed(args.seed)  # the adapter's random init is the same on every rank
-    model = load_model(args.model, dtype=DTYPES[args.precision], device=device)
+    # Quantizing, the base is loaded on the CPU and goes to the device layer by layer: never whole in float there.
+    model = load_model(args.model, dtype=DTYPES[args.precision], device=device if args.quantize == "none" else "cpu")
     model.transformer.attention = args.attention
     apply_adapter(model, spec)
-    model.base_weights = base_weights(model)  # the fingerprint the adapter stores (before any sharding)
+    model.base_weights = base_weights(model)  # the fingerprint the adapter stores (before sharding, quantizing)
+    quantize_model(model, args.quantize, device)  # the frozen Linears of the blocks; the adapter stays float
+    model.to(device)
     if resume_from is not None:
         rundir.load_trainable(model, resume_from)
     model.train()
@@ -279,8 +287,8 @@ def make_setup(model, args, total: int, rank: int, world: int, device) -> Setup:
     wrapped = model
     if fsdp:
         shard_fsdp2(model, args.precision)
-    elif world > 1:
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif world > 1:  # the only buffers are quantized weights (model/quant.py), equal on every rank: sent once
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
@@ -379,6 +387,7 @@ def train(args, rank: int, world: int, device: torch.device):
     say = print if rank == 0 else (lambda *a, **k: None)
     config = load_config(args.model)
     spec = AdapterSpec.from_args(args, config.num_layers)  # an impossible layer selection fails here
+    check_quantize(args, spec, world)
     if args.dry_run:
         dry_run(args, config, spec, say)
         return
@@ -448,6 +457,19 @@ def checkpoint_due(args, progress: rundir.Progress, total: int, s: Setup) -> boo
     return bool(due)
 
 
+def check_quantize(args, spec: AdapterSpec, world: int):
+    """--quantize needs frozen base weights (not --method full), replicated on every rank (DDP, not FSDP2)."""
+    if args.quantize == "none":
+        return
+    if spec.method == "full":
+        raise ValueError(f"--quantize {args.quantize} with --method full: full fine-tuning trains every weight, "
+                         "so none is frozen to quantize; drop --quantize, or train lora, ptuning or freeze over "
+                         "the quantized base")
+    if world > 1 and args.dist == "fsdp":
+        raise ValueError(f"--quantize {args.quantize} with --dist fsdp: FSDP2 shards float parameters and the "
+                         "quantized weights are buffers; use --dist ddp (the quantized base is replicated)")
+
+
 def dry_run(args, config, spec: AdapterSpec, say):
     """The adapter on a meta-device model: the trainable parameter count at any size, without memory."""
     with torch.device("meta"):
@@ -455,6 +477,8 @@ def dry_run(args, config, spec: AdapterSpec, say):
     apply_adapter(model, spec)
     say(f"{args.model}: {config.num_layers} layers, hidden {config.hidden_size}; {spec}")
     say(trainable_report(model))
+    size = base_weight_bytes(config, DTYPES[args.precision], args.quantize)
+    say(f"base weights: {size / 2**30:.2f} GiB ({args.precision}, {args.quantize})")
 
 
 def log_step(out: Path, progress: rundir.Progress, lr: float, norm: float, steps_per_epoch: int):

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
+from model.quant import QuantLinear
+
 from . import freeze, full, lora, ptuning
 from .layers import check_layers
 
@@ -121,7 +123,9 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def trainable_report(model: nn.Module) -> str:
-    """The line the study's code printed. Counts only: works on a meta-device model."""
-    total = sum(p.numel() for p in model.parameters())
+    """The line the study's code printed. Counts only: works on a meta-device model. A quantized weight (a buffer)
+    counts as the parameters it stands for."""
+    total = sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"trainable params: {trainable:d} || all params: {total:d} || trainable%: {100 * trainable / total:.4f}"

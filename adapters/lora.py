@@ -65,15 +65,25 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)  # a fresh adapter leaves the model unchanged
         self.merged = False  # True while the update is folded into `weight` (the branch is then skipped)
+        self.base = None  # a model.quant.QuantLinear holding the frozen base in place of weight/bias (quantize_base)
         self.train(base.training)  # a new module starts in train mode; follow the layer it replaces
 
     @torch.no_grad()
     def delta(self):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in), float32
 
+    def quantize_base(self, quantized: nn.Module):
+        """Replace the frozen `weight`/`bias` by `quantized`, the same layer quantized (model.quant.quantize_model);
+        the LoRA branch stays float32 and cannot be merged any more."""
+        del self.weight, self.bias
+        self.base = quantized
+
     @torch.no_grad()
     def merge(self):
         """W += scaling * B @ A, computed in float32 and stored in the base dtype."""
+        if self.base is not None:
+            raise ValueError("LoRA cannot be merged into quantized base weights: merge before quantizing "
+                             "(evaluate.py keeps LoRA unmerged with --quantize)")
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta().to(self.weight.device)).to(self.weight.dtype))
             self.merged = True
@@ -86,7 +96,7 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)
         if self.merged:
             return y
         # The branch runs on x cast to A's dtype (float32); under autocast the Linear layers still run

@@ -4,6 +4,7 @@
     python bench/generate.py --model chatglm-6b --device cuda --dtype bf16 --batch-size 32   # random weights
     python bench/generate.py --model proxy-28 --batch-size 1 8 32 --compile   # eager vs compiled decoding
     python bench/generate.py --model chatglm-6b --batch-size 8 --attention flex --profile   # which kernels ran
+    python bench/generate.py --model proxy-28 --batch-size 1 8 --quantize int4   # quantized frozen weights
     python bench/generate.py --compare    # CPU: 64 prompts batched with a KV cache vs one at a time without one
 
 Weights are random (a preset) unless --model names a checkpoint directory; the speed does not depend on them.
@@ -20,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import ATTENTION_KERNELS, compiled_decode_step, decode_step, generate_ids, load_model, prefill  # noqa: E402
 from files import write_json  # noqa: E402
+from model.quant import MODES as QUANT_MODES, quantize_model, tensor_bytes  # noqa: E402
 from runtime import DTYPES, peak_memory_bytes  # noqa: E402
 
 
@@ -90,23 +92,28 @@ def naive_generate(model, prompt: list[int], new_tokens: int, eos: int) -> list[
 def weight_bytes_per_step(model) -> int:
     """Bytes every decode step must read: each weight once; the embedding table only as the output matrix
     (a lookup reads B rows), so an untied embedding does not count."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = tensor_bytes(model)  # parameters and buffers (quantized weights)
     emb, out = model.transformer.word_embeddings.weight, model.lm_head.weight
     return total - (0 if emb is out else emb.numel() * emb.element_size())
 
 
 def speed(args):
     device = torch.device(args.device)
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device).eval()
+    # quantizing: loaded on the CPU, quantized layer by layer onto the device (as train.py and evaluate.py do)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device if args.quantize == "none" else "cpu")
+    quantize_model(model.requires_grad_(False), args.quantize, device)
+    model = model.to(device).eval()
     model.transformer.attention = args.attention
     steps = {"eager": decode_step}
     if args.compile:
         steps["compiled"] = compiled_decode_step(device.type)
     T, N = args.prompt_len, args.new_tokens
     where = f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
-    print(f"model {args.model} ({args.dtype}, {where}, {args.attention}) prompt {T}, new tokens {N}")
-    record = {"model": args.model, "dtype": args.dtype, "attention": args.attention, "prompt_len": T,
-              "new_tokens": N, "weight_bytes_per_step": weight_bytes_per_step(model), "runs": []}
+    print(f"model {args.model} ({args.dtype}, quantize {args.quantize}, {where}, {args.attention}) prompt {T}, "
+          f"new tokens {N}; parameters + buffers {tensor_bytes(model) / 2**20:,.1f} MiB")
+    record = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize, "attention": args.attention,
+              "prompt_len": T, "new_tokens": N, "tensor_bytes": tensor_bytes(model),
+              "weight_bytes_per_step": weight_bytes_per_step(model), "runs": []}
     for B in args.batch_size:
         prompts = random_prompts(model.config, B, T)
         tokens = {}
@@ -162,6 +169,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa", help="attention kernel")
+    p.add_argument("--quantize", choices=QUANT_MODES, default="none",
+                   help="the blocks' Linear weights int8 / int4 (model/quant.py), dequantized at each matmul")
     p.add_argument("--compile", action="store_true",
                    help="also time the compiled decode step (CUDA graphs on CUDA) and compare its tokens with eager")
     p.add_argument("--profile", action="store_true", help="print the top operators and kernels of each run")
