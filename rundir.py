@@ -2,7 +2,8 @@
 checkpoints it resumes from bit for bit.
 
     run_config.json          every argument, world size, seed, library versions, git commit
-    trainer_log.jsonl        one line per --logging-steps: step, epoch, loss, lr, grad_norm, tokens_per_s
+    trainer_log.jsonl        one line per --logging-steps: step, epoch, loss, lr, grad_norm, tokens_per_s;
+                             with validation, one per --eval-steps: step, epoch, val_loss
     train_results.json       at the end
     training_loss.png        with --plot-loss
     adapter.json, adapter_model.safetensors     the final adapter (adapters.save_adapter)
@@ -14,6 +15,7 @@ loss scaler, every rank's RNG state and the loop's Progress. The data position f
 """
 import functools
 import json
+import math
 import re
 import shutil
 import sys
@@ -33,7 +35,7 @@ from runtime import all_gather, rng_state, set_rng_state
 LOG = "trainer_log.jsonl"
 # Arguments that do not change what a run computes: a run restarted with other values is the same run.
 VOLATILE_ARGS = {"resume", "overwrite", "dry_run", "attention", "dist_timeout", "logging_steps", "plot_loss",
-                 "save_steps", "save_minutes", "output_dir"}
+                 "save_steps", "save_minutes", "output_dir", "eval_steps"}
 OUR_FILES = ("run_config.json", LOG, "train_results.json", "training_loss.png", "adapter.json",
              "adapter_model.safetensors", "adapter_config.json", "checkpoints")
 KEEP_CHECKPOINTS = 2
@@ -116,8 +118,12 @@ def plot_loss(log_file: Path, png: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = read_jsonl(log_file)
+    train, val = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="training loss")
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean token cross-entropy)")
     ax.set_title(png.parent.name)
@@ -131,14 +137,16 @@ def plot_loss(log_file: Path, png: Path):
 
 @dataclass
 class Progress:
-    """The loop's running totals. step, loss_total and window go into every checkpoint; the throughput
+    """The loop's running totals. step, loss_total, window and val go into every checkpoint; the throughput
     counters belong to this process (a resumed run measures its own speed)."""
     step: int = 0
     loss_total: float = 0.0  # sum of the step losses: train_loss = loss_total / step
     window: list[float] = field(default_factory=list)  # step losses since the last log line
+    val: dict = field(default_factory=dict)  # val_loss (the latest), best_val_step, best_val_loss; {}: none yet
     tokens: float = 0.0  # input tokens of every rank since t0
     samples: int = 0
     t0: float = 0.0  # time.time() when the loop starts
+    val_s: float = 0.0  # seconds of validation since t0: not training time, left out of the throughput
     saved_at: float = 0.0  # time.time() of the last checkpoint (--save-minutes)
 
     def add(self, loss: float, tokens: float, samples: int):
@@ -148,8 +156,21 @@ class Progress:
         self.tokens += tokens
         self.samples += samples
 
+    def add_val(self, loss: float):
+        """The validation loss after this step; the lowest so far is the best (the earliest of equal ones)."""
+        if loss < self.val.get("best_val_loss", math.inf):
+            self.val.update(best_val_step=self.step, best_val_loss=loss)
+        self.val["val_loss"] = loss
+
+    def val_text(self) -> str:
+        v = self.val
+        return f"val_loss {v['val_loss']:.4f} (best {v['best_val_loss']:.4f} at step {v['best_val_step']})"
+
+    def train_s(self) -> float:
+        return time.time() - self.t0 - self.val_s
+
     def tokens_per_s(self) -> float:
-        return self.tokens / (time.time() - self.t0)
+        return self.tokens / self.train_s()
 
 
 def resume_hint(out: Path) -> str:
@@ -235,7 +256,8 @@ def save_checkpoint(out: Path, s, spec, progress: Progress, steps_per_epoch: int
     if s.rank == 0:
         step = progress.step
         state = {"step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
-                 "loss_total": progress.loss_total, "window": progress.window, "scheduler": s.scheduler.state_dict(),
+                 "loss_total": progress.loss_total, "window": progress.window, "val": progress.val,
+                 "scheduler": s.scheduler.state_dict(),
                  "scaler": s.scaler.state_dict(), "rng": rngs, "world_size": s.world}
         write_checkpoint(out, step, functools.partial(save_trainable, s.model, spec, s.fsdp, True), optim_state, state)
     else:
@@ -258,4 +280,4 @@ def resume(checkpoint: Path, s) -> Progress:
     s.scheduler.load_state_dict(state["scheduler"])
     s.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][s.rank], s.device)
-    return Progress(step=state["step"], loss_total=state["loss_total"], window=state["window"])
+    return Progress(step=state["step"], loss_total=state["loss_total"], window=state["window"], val=state["val"])

@@ -10,11 +10,15 @@ world size) and takes its share. Logits are computed only where a label follows;
 the sum of float32 token cross-entropies over the number of label tokens of the whole global step, so
 2 ranks x 2 samples give the gradient of 1 process x 4 samples.
 
+Validation (--val-size held-out records, --eval-dataset sets) runs every --eval-steps steps in eval mode and
+without grad: it draws no random number and touches no gradient, so the training is the same with it or without.
+
 Read top to bottom: the arguments, the samples and their order, the model and its adapter, the loss,
-distributed wrapping and the optimizer, one optimizer step (forward_backward, optimizer_step), the safety
-nets, and the loop (train). The run directory and its checkpoints are rundir.py.
+distributed wrapping and the optimizer, one optimizer step (forward_backward, optimizer_step), validation,
+the safety nets, and the loop (train). The run directory and its checkpoints are rundir.py.
 """
 import argparse
+import functools
 import gc
 import math
 import os
@@ -36,8 +40,8 @@ from fingerprint import code_fingerprint, data_fingerprint, short_hash
 from flags import COUNT, COUNT_OR_ZERO, NON_NEGATIVE, POSITIVE
 from runtime import MODEL_HELP, DTYPES, all_gather, init_distributed, peak_memory_bytes, resolve_model, say_once
 from adapters import AdapterSpec, add_adapter_args, apply_adapter, base_weights, trainable_report
-from data import (IGNORE, add_data_args, build_train_samples, collate_train, format_report, global_batches,
-                  rank_share)
+from data import (IGNORE, add_data_args, collate_train, encode_records, format_report, global_batches, hold_out,
+                  load_records, rank_share)
 from model import ATTENTION_KERNELS, ChatGLMModel, load_config, load_model, load_tokenizer, token_loss_sum
 from model.quant import MODES as QUANT_MODES, base_weight_bytes, quantize_model
 
@@ -64,6 +68,7 @@ def parse_args(argv=None):
                    + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_SETTINGS.items()))
     add_adapter_args(p)
     add_data_args(p)
+    add_validation_args(p)
     g = p.add_argument_group("optimisation (defaults: the study's settings)")
     g.add_argument("--lr", type=POSITIVE, default=1e-5, help="peak learning rate of AdamW (betas 0.9, 0.999, eps 1e-8)")
     g.add_argument("--epochs", type=COUNT, default=10, help="passes over the training samples")
@@ -116,6 +121,18 @@ def parse_args(argv=None):
     return args
 
 
+def add_validation_args(p):
+    g = p.add_argument_group("validation (a loss on samples the run does not train on)")
+    g.add_argument("--val-size", type=COUNT_OR_ZERO, default=0,
+                   help="hold out N records of --dataset, chosen by --seed, for validation; 0: none")
+    g.add_argument("--eval-dataset",
+                   help="comma-separated datasets in --dataset-dir to validate on as well (their first "
+                        "--max-samples records each, encoded like the training samples)")
+    g.add_argument("--eval-steps", type=COUNT, default=100,
+                   help="the validation loss every N optimizer steps and after the last (with --val-size or "
+                        "--eval-dataset)")
+
+
 # ---------------------------------------------------------------- the samples and their order
 
 class TrainData:
@@ -148,15 +165,24 @@ class TrainData:
         return batches, n_targets, sum(len(b) for b in micro)
 
 
-def load_samples(args, tokenizer, world: int) -> tuple[TrainData, dict]:
-    """The --dataset records encoded for training; -> the samples and the data report."""
-    samples, report = build_train_samples(
-        tokenizer, args.dataset.split(","), args.dataset_dir, max_samples=args.max_samples, seed=args.seed,
-        max_source_length=args.max_source_length, max_target_length=args.max_target_length,
-        source_prefix=args.source_prefix, expand_history=args.expand_history, skip_bad_records=args.skip_bad_records)
+def load_samples(args, tokenizer, world: int) -> tuple[TrainData, list[dict], dict]:
+    """The --dataset records less the --val-size held out, encoded for training; -> the training data, the
+    validation samples (the held-out records, then the --eval-dataset records, encoded alike) and the data report."""
+    read = functools.partial(load_records, dataset_dir=args.dataset_dir, max_samples=args.max_samples,
+                             skip_bad_records=args.skip_bad_records)
+    encode = functools.partial(encode_records, tokenizer, max_source_length=args.max_source_length,
+                               max_target_length=args.max_target_length, source_prefix=args.source_prefix,
+                               expand_history=args.expand_history)
+    records, report = read(args.dataset.split(","), seed=args.seed)
+    records, held_out = hold_out(records, args.val_size)
+    samples, counts = encode(records)
     if not samples:
         raise ValueError(f"--dataset {args.dataset} in {args.dataset_dir} gave no training samples")
-    return TrainData(samples, tokenizer.pad_id, args.batch_size * world, args.grad_accum, args.seed), report
+    val, _ = encode(held_out + (read(args.eval_dataset.split(","), seed=None)[0] if args.eval_dataset else []))
+    if args.eval_dataset and not val:
+        raise ValueError(f"--eval-dataset {args.eval_dataset} in {args.dataset_dir} gave no validation samples")
+    report.update(counts, held_out=len(held_out), val_samples=len(val))
+    return TrainData(samples, tokenizer.pad_id, args.batch_size * world, args.grad_accum, args.seed), val, report
 
 
 # ---------------------------------------------------------------- the model, its adapter, the loss
@@ -333,6 +359,43 @@ def optimizer_step(s: Setup, max_grad_norm: float) -> float:
     return norm
 
 
+# ---------------------------------------------------------------- validation
+
+def validation_batches(samples: list[dict], pad_id: int, batch_size: int, rank: int,
+                       world: int) -> list[tuple[dict, bool]]:
+    """This rank's share of the validation samples, longest first (little padding) in global batches of
+    batch_size x world, each with whether it counts: a rank whose share of a batch is empty runs the batch's
+    first sample uncounted, so that every rank runs as many forwards (under FSDP2 each one is a collective)."""
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"]))
+    batches = []
+    for k in range(0, len(order), batch_size * world):
+        global_ids = order[k:k + batch_size * world]
+        ids = rank_share(global_ids, rank, world)
+        batches.append((collate_train([samples[i] for i in ids or global_ids[:1]], pad_id), bool(ids)))
+    return batches
+
+
+def validate(s: Setup, batches: list[tuple[dict, bool]]) -> float:
+    """The mean token cross-entropy (natural log) over every label token of the validation samples: eval mode
+    (no dropout: no random number is drawn, the training's RNG stream stays as it was), no grad, the training's
+    autocast. Every rank sums its share; the sums over all ranks do not depend on the world size (up to float
+    rounding)."""
+    s.model.eval()
+    local = torch.zeros(2, dtype=torch.float64, device=s.device)  # loss sum, label tokens
+    with torch.no_grad(), s.autocast:
+        for batch, counts in batches:
+            loss_sum = token_loss_sum(s.model, batch, s.device)  # the model, not DDP's wrapper: no collective
+            if counts:
+                targets = (batch["labels"][:, 1:] != IGNORE).sum()  # position t predicts label t + 1
+                local += torch.stack([loss_sum.double(), targets.to(s.device, torch.float64)])
+    if s.fsdp:
+        s.model.reshard()  # the root's weights stay gathered after a forward without backward
+    s.model.train()
+    if s.world > 1:
+        dist.all_reduce(local)
+    return (local[0] / local[1]).item()
+
+
 # ---------------------------------------------------------------- safety nets
 
 class UntrainedError(RuntimeError):
@@ -400,8 +463,9 @@ def train(args, rank: int, world: int, device: torch.device):
         say(f"{out}: this run has finished (train_results.json); nothing to resume")
         return
     tokenizer = load_tokenizer(args.model)
-    data, report = load_samples(args, tokenizer, world)  # every rank: all samples, the same batch plan
+    data, val_samples, report = load_samples(args, tokenizer, world)  # every rank: all samples, the same batch plan
     say(format_report(report))
+    val = validation_batches(val_samples, tokenizer.pad_id, args.batch_size, rank, world)  # []: no validation
     total = args.max_steps or args.epochs * data.steps_per_epoch
 
     model = build_model(args, spec, resume_from, device)  # base + adapter (+ the checkpoint's weights)
@@ -438,6 +502,8 @@ def train(args, rank: int, world: int, device: torch.device):
             bar.update(1)
             if rank == 0 and (progress.step % args.logging_steps == 0 or progress.step == total):
                 log_step(out, progress, lr, norm, data.steps_per_epoch)
+            if val and (progress.step % args.eval_steps == 0 or progress.step == total):  # before the checkpoint
+                run_validation(out, s, val, progress, data.steps_per_epoch)
             if checkpoint_due(args, progress, total, s):
                 rundir.save_checkpoint(out, s, spec, progress, data.steps_per_epoch)  # a collective
                 progress.saved_at = time.time()
@@ -489,10 +555,23 @@ def log_step(out: Path, progress: rundir.Progress, lr: float, norm: float, steps
     progress.window = []
 
 
+def run_validation(out: Path, s: Setup, batches: list[tuple[dict, bool]], progress: rundir.Progress,
+                   steps_per_epoch: int):
+    """The validation loss into the Progress (the best so far) and, on rank 0, a trainer_log.jsonl line."""
+    t0 = time.time()
+    loss = validate(s, batches)
+    progress.val_s += time.time() - t0
+    progress.add_val(loss)
+    if s.rank == 0:
+        append_jsonl(out / rundir.LOG, {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
+                                        "val_loss": round(loss, 6)})
+        tqdm.write(f"step {progress.step}: {progress.val_text()}")
+
+
 def finish(args, out: Path, s: Setup, spec: AdapterSpec, progress: rundir.Progress, steps_per_epoch: int,
            n_trainable: int):
     """The final adapter beside the logs (save_adapter leaves other files alone), train_results.json, the plot."""
-    runtime = time.time() - progress.t0
+    runtime, train_s = time.time() - progress.t0, progress.train_s()
     rundir.save_trainable(s.model, spec, s.fsdp, s.rank == 0, out)  # under FSDP2 a collective
     peak = max(all_gather(peak_memory_bytes(s.device), s.world))
     if s.rank != 0:
@@ -500,16 +579,17 @@ def finish(args, out: Path, s: Setup, spec: AdapterSpec, progress: rundir.Progre
     step = progress.step
     results = {"train_loss": progress.loss_total / max(step, 1), "steps": step,
                "epochs": round(step / steps_per_epoch, 4), "runtime_s": round(runtime, 2),
-               "samples_per_s": round(progress.samples / runtime, 3),
-               "tokens_per_s": round(progress.tokens / runtime, 1), "peak_memory_bytes": peak,
-               "trainable_params": n_trainable, "world_size": s.world, "precision": args.precision,
+               "samples_per_s": round(progress.samples / train_s, 3),  # the training's speed: validation left out
+               "tokens_per_s": round(progress.tokens / train_s, 1), "peak_memory_bytes": peak,
+               **progress.val, "trainable_params": n_trainable, "world_size": s.world, "precision": args.precision,
                "fingerprint": {"code": code_fingerprint(),
                                "data": data_fingerprint(args.dataset_dir, args.dataset.split(",")),
                                "settings": short_hash(rundir.same_run_key(vars(args), s.world))}}
     write_json(out / "train_results.json", results)
     if args.plot_loss:
         rundir.plot_loss(out / rundir.LOG, out / "training_loss.png")
-    print(f"train_loss {results['train_loss']:.4f} | {results['tokens_per_s']:.0f} tokens/s | peak memory "
+    val = f"{progress.val_text()} | " if progress.val else ""
+    print(f"train_loss {results['train_loss']:.4f} | {val}{results['tokens_per_s']:.0f} tokens/s | peak memory "
           f"{peak / 2**30:.2f} GiB | {out}")
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from flags import COUNT, number
 
 from .batching import collate_train, global_batches, rank_share
-from .encode import IGNORE, build_eval_samples, build_train_samples, encode_prompt, encode_train, format_report
+from .encode import (IGNORE, build_eval_samples, build_train_samples, encode_prompt, encode_records, encode_train,
+                     format_report)
 from .prompt import build_prompt
-from .registry import RESERVED_STRINGS, DataError, load_records, read_dataset_info
+from .registry import RESERVED_STRINGS, DataError, hold_out, load_records, read_dataset_info
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 
@@ -35,5 +36,6 @@ def add_data_args(parser):
 
 
 __all__ = ["DEMO_DIR", "IGNORE", "RESERVED_STRINGS", "DataError", "add_data_args", "build_eval_samples",
-           "build_prompt", "build_train_samples", "collate_train", "encode_prompt",
-           "encode_train", "format_report", "global_batches", "load_records", "rank_share", "read_dataset_info"]
+           "build_prompt", "build_train_samples", "collate_train", "encode_prompt", "encode_records",
+           "encode_train", "format_report", "global_batches", "hold_out", "load_records", "rank_share",
+           "read_dataset_info"]

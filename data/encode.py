@@ -46,11 +46,20 @@ def record_turns(record: dict, expand_history: bool) -> list[tuple[str, list, st
 def build_train_samples(tokenizer, names: list[str], dataset_dir, max_samples: int | None = None, seed: int = 42,
                         max_source_length: int = 512, max_target_length: int = 512, source_prefix: str = "",
                         expand_history: bool = False, skip_bad_records: bool = False) -> tuple[list[dict], dict]:
-    """-> ([{"input_ids", "labels"}], report). Records are mixed by seed (see load_records). With expand_history an
-    n-turn record gives n samples, each answer with its own preceding history; a history turn with an empty query
-    or answer gives no sample (counted as dropped_empty_turns) but stays in the later turns' history."""
-    check_lengths(max_source_length, max_target_length)
+    """-> ([{"input_ids", "labels"}], report): the named datasets' records (load_records), encoded (encode_records)."""
     records, report = load_records(names, dataset_dir, max_samples, seed, skip_bad_records)
+    samples, counts = encode_records(tokenizer, records, max_source_length, max_target_length, source_prefix,
+                                     expand_history)
+    report.update(counts)
+    return samples, report
+
+
+def encode_records(tokenizer, records: list[dict], max_source_length: int = 512, max_target_length: int = 512,
+                   source_prefix: str = "", expand_history: bool = False) -> tuple[list[dict], dict]:
+    """-> ([{"input_ids", "labels"}], counts), in record order. With expand_history an n-turn record gives n samples,
+    each answer with its own preceding history; a history turn with an empty query or answer gives no sample
+    (counted as dropped_empty_turns) but stays in the later turns' history."""
+    check_lengths(max_source_length, max_target_length)
     samples, truncated, dropped = [], 0, 0
     for record in records:
         for query, history, answer in record_turns(record, expand_history):
@@ -61,9 +70,8 @@ def build_train_samples(tokenizer, names: list[str], dataset_dir, max_samples: i
             input_ids, labels, cut = encode_train(tokenizer, prompt, answer, max_source_length, max_target_length)
             samples.append({"input_ids": input_ids, "labels": labels})
             truncated += cut
-    report.update(samples=len(samples), truncated=truncated, dropped_empty_turns=dropped,
-                  max_source_length=max_source_length, max_target_length=max_target_length)
-    return samples, report
+    return samples, {"samples": len(samples), "truncated": truncated, "dropped_empty_turns": dropped,
+                     "max_source_length": max_source_length, "max_target_length": max_target_length}
 
 
 def build_eval_samples(tokenizer, name: str, dataset_dir, max_samples: int | None = None,
@@ -91,4 +99,7 @@ def format_report(report: dict) -> str:
         lines.append(f"samples: {report['samples']} (truncated {report['truncated']} at source "
                      f"{report['max_source_length']} / target {report['max_target_length']}; "
                      f"dropped empty turns {report['dropped_empty_turns']})")
+    if report.get("val_samples"):
+        lines.append(f"validation: {report['val_samples']} samples (from {report['held_out']} held-out training "
+                     "records, chosen by the seed, and any --eval-dataset)")
     return "\n".join(lines)

@@ -170,3 +170,13 @@ def load_records(names: list[str], dataset_dir, max_samples: int | None = None, 
         random.Random(seed).shuffle(records)
     report["records"] = len(records)
     return records, report
+
+
+def hold_out(records: list[dict], n: int) -> tuple[list[dict], list[dict]]:
+    """The first n of the seed-shuffled records (load_records with a seed) are the validation records: chosen
+    by the seed, whole records (with expand_history all their turns go together). -> (the rest, those n)."""
+    if n >= len(records):
+        raise DataError(f"--val-size {n} holds out {'all' if n == len(records) else 'more than all'} of the "
+                        f"{len(records)} training records (after --max-samples and dropping empty ones); "
+                        f"hold out fewer (at most {len(records) - 1}), or 0 for no validation split")
+    return records[n:], records[:n]

@@ -200,10 +200,11 @@ def test_bad_model_or_id_is_one_line_before_anything_runs(tmp_path, case):
 
 # ---------------------------------------------------------------- real launches on a tiny checkpoint (seconds each)
 
-# id 11 = LoRA on the MLP of the last three layers: a few steps on 16 samples, 4 samples per evaluation set
+# id 11 = LoRA on the MLP of the last three layers: a few steps on 16 samples (none held out for validation:
+# launch.sh's --val-size 200 is more than 16), 4 samples per evaluation set
 RUN = "11-lora-mlp-3-5"
-TRAIN_EXTRA = ("--precision fp32 --max-samples 16 --batch-size 4 --max-source-length 48 --max-target-length 16 "
-               "--save-steps 2 --max-steps ")
+TRAIN_EXTRA = ("--precision fp32 --max-samples 16 --val-size 0 --batch-size 4 --max-source-length 48 "
+               "--max-target-length 16 --save-steps 2 --max-steps ")
 EVAL_EXTRA = "--precision fp32 --max-samples 4 --max-length 48 --max-source-length 40"
 
 
@@ -331,7 +332,7 @@ def test_demo_trains_its_base_model_then_runs_two_lanes(tmp_path):
     """The quick start (`bash launch.sh` without MODEL), cut down by TRAIN_EXTRA / EVAL_EXTRA: the base model is
     trained with its progress on screen, exported, and ids 0 and 1 run side by side."""
     runs = tmp_path / "runs"
-    env = launcher_env(RUNS=runs, OMP_NUM_THREADS=1, TRAIN_EXTRA="--max-steps 3 --max-samples 16",
+    env = launcher_env(RUNS=runs, OMP_NUM_THREADS=1, TRAIN_EXTRA="--max-steps 3 --max-samples 16 --val-size 4",
                        EVAL_EXTRA=EVAL_EXTRA)
     out = launch(env, "0", "1").stdout
     assert "[launch] training the demo's base model" in out and "full: 100%" in out  # train.py's bar on screen
@@ -341,3 +342,5 @@ def test_demo_trains_its_base_model_then_runs_two_lanes(tmp_path):
     assert counts == ["1", "2"], out  # one count shared by both lanes
     for name in ("0-base", "1-freeze-mlp-3-5"):
         assert (runs / name / "eval" / "alpaca_gpt4_zh" / "metrics.json").is_file()
+    # launch.sh's --val-size 100 is more than 16 records: TRAIN_EXTRA's 4 replace it; the run validated
+    assert json.loads((runs / "1-freeze-mlp-3-5" / "train_results.json").read_text())["best_val_step"] == 3
