@@ -471,20 +471,7 @@ def train(args, rank: int, world: int, device: torch.device):
     model = build_model(args, spec, resume_from, device)  # base + adapter (+ the checkpoint's weights)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     s = make_setup(model, args, total, rank, world, device)  # DDP / FSDP2, AdamW, schedule, loss scaling
-    if resume_from is not None:
-        progress = rundir.resume(resume_from, s)  # optimizer, schedule, scaler, RNG, step and losses
-    else:
-        progress = rundir.Progress()
-        torch.manual_seed(args.seed + rank)  # dropout masks differ between ranks
-    if rank == 0:
-        rundir.start_run(out, {**run_config, "trainable_params": n_trainable},
-                         progress.step if resume_from is not None else None)
-        say(trainable_report(model))
-        say(f"{len(data.samples)} samples, {data.steps_per_epoch} steps per epoch, {total} steps, global batch "
-            f"{data.global_batch * args.grad_accum}, {world} x {device.type}, {args.precision}"
-            + (f", resuming at step {progress.step} from {resume_from}" if resume_from else ""))
-    if world > 1:
-        dist.barrier()
+    progress = begin(args, s, out, {**run_config, "trainable_params": n_trainable}, resume_from, data, total)
 
     grad_sums_by_step = []  # for the untrained-tensor check after steps 1 and 2
     with tqdm(total=total, initial=progress.step, disable=rank != 0, dynamic_ncols=True, desc=spec.method) as bar:
@@ -508,6 +495,26 @@ def train(args, rank: int, world: int, device: torch.device):
                 rundir.save_checkpoint(out, s, spec, progress, data.steps_per_epoch)  # a collective
                 progress.saved_at = time.time()
     finish(args, out, s, spec, progress, data.steps_per_epoch, n_trainable)
+
+
+def begin(args, s: Setup, out: Path, run_config: dict, resume_from: Path | None, data: TrainData,
+          total: int) -> rundir.Progress:
+    """The loop's starting point: the checkpoint's state (optimizer, schedule, scaler, RNG, step, losses) or a
+    fresh one; rank 0 starts the run directory and says what is trained how."""
+    if resume_from is not None:
+        progress = rundir.resume(resume_from, s)
+    else:
+        progress = rundir.Progress()
+        torch.manual_seed(args.seed + s.rank)  # dropout masks differ between ranks
+    if s.rank == 0:
+        rundir.start_run(out, run_config, progress.step if resume_from is not None else None)
+        print(trainable_report(s.model))
+        print(f"{len(data.samples)} samples, {data.steps_per_epoch} steps per epoch, {total} steps, global batch "
+              f"{data.global_batch * args.grad_accum}, {s.world} x {s.device.type}, {args.precision}"
+              + (f", resuming at step {progress.step} from {resume_from}" if resume_from else ""))
+    if s.world > 1:
+        dist.barrier()
+    return progress
 
 
 def checkpoint_due(args, progress: rundir.Progress, total: int, s: Setup) -> bool:

@@ -304,7 +304,7 @@ def test_lock_then_ctrl_c_then_the_same_command_resumes(tmp_path, tiny_base):
                                 timeout=60)
         assert second.returncode == 1 and len(second.stderr.splitlines()) == 1, second.stderr
         assert f"{runs} is in use by another launcher (pid {first.pid}, since " in second.stderr
-        assert f"bash launch.sh 11)" in second.stderr
+        assert "bash launch.sh 11)" in second.stderr
 
         os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C does: the terminal's foreground process group
         _, err = first.communicate(timeout=60)
