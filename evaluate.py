@@ -1,6 +1,7 @@
 """Evaluate runs as the study did, and print the comparison table.
 
     python evaluate.py [--model PATH|tiny] [--checkpoint RUN] [--dataset roleplay_all_test,alpaca_gpt4_zh]
+    python evaluate.py ... --seeds 42,1,2            # sampled once per seed, and the summary over the seeds
     torchrun --nproc_per_node N evaluate.py ...      # samples split across ranks, same scores as 1 process
     python evaluate.py --runs runs [--model PATH]    # the table of every run (evaluating missing ones with --model)
     python evaluate.py --from-predictions FILE       # recompute metrics.json from generated_predictions.jsonl
@@ -10,25 +11,35 @@ Generation follows the study: sampling with top_p 0.7, temperature 0.95, at most
 answer. Each sample draws from its own generator seeded by (--seed, sample index), and the batches are
 fixed before they are dealt to ranks, so predictions do not depend on the number of processes.
 Finished batches are appended to a partial file; an interrupted evaluation resumes from it.
+
+Per set, OUTPUT_DIR/<set>/ gets generated_predictions.jsonl, scores.jsonl (each sample's BLEU-4 / ROUGE and the
+NLL of its reference answer) and metrics.json: the study's means, each with its 95% bootstrap interval over samples
+(stats.py), the teacher-forced NLL of the reference answers and its perplexity (forgetting measured without
+sampling: a forward pass over the training encoding of prompt + answer, --max-source-length and
+--max-target-length as train.py truncates), empty answers, answer lengths and generation speed.
 """
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
+import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from adapters import METHODS, base_model_id, load_adapter
-from data import add_data_args, build_eval_samples, build_prompt
+from data import IGNORE, add_data_args, build_eval_samples, build_prompt, collate_train, encode_train
 from data.registry import reserved_in
 from files import explain, read_jsonl, write_json, write_text
-from metrics import DEFINITION, METRICS, corpus_scores, versions
-from model import ATTENTION_KERNELS, generate_ids, load_model, load_tokenizer, sample_seed
+from metrics import DEFINITION, METRICS, NLL_DEFINITION, prediction_stats, sample_scores, score_stats, versions
+from model import ATTENTION_KERNELS, generate_ids, linear_cross_entropy, load_model, load_tokenizer, sample_seed
 from model.quant import MODES as QUANT_MODES, quantize_model
 from results import read_runs, write_results
 from fingerprint import adapter_sha256, code_fingerprint, data_fingerprint, git_commit, short_hash
@@ -36,6 +47,21 @@ from flags import COUNT, POSITIVE, PROBABILITY, number
 from runtime import DTYPES, MODEL_HELP, init_distributed, resolve_model, say_once
 
 EVAL_SETS = "roleplay_all_test,alpaca_gpt4_zh"
+# The NLL pass's batches: at most --batch-size samples and this many tokens with padding. Prompt + reference answer
+# spread wider in length than prompts alone: smaller batches waste less on padding (the demo's role-play set on CPU:
+# one batch of 100 samples took twice as long), and 1024 tokens still fill most of a GPU's matmuls at the 6B width.
+NLL_BATCH_TOKENS = 1024
+
+
+def seed_list(text: str) -> list[int]:
+    """--seeds 42,1,2 -> [42, 1, 2]: distinct integers."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed appears twice in {text!r}")
+    return seeds
 
 
 def parse_args(argv=None):
@@ -53,6 +79,9 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=PROBABILITY, default=0.7, help="nucleus sampling mass, in (0, 1]")
     g.add_argument("--temperature", type=float, default=0.95, help="> 0 (sampling); --greedy for argmax decoding")
     g.add_argument("--seed", type=int, default=42, help="sample i draws from a generator seeded by (seed, i)")
+    g.add_argument("--seeds", type=seed_list,
+                   help="comma-separated, e.g. 42,1,2: sample every set once per seed (OUTPUT_DIR/seed-S/<set>/), "
+                        "the summary in OUTPUT_DIR/<set>/ (mean and sd over seeds, pooled interval); replaces --seed")
     g.add_argument("--batch-size", type=COUNT, default=32, help="prompts per batch per process")
     g.add_argument("--precision", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--quantize", choices=QUANT_MODES, default="none",
@@ -70,6 +99,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.greedy and args.temperature <= 0:
         p.error(f"--temperature must be > 0 for sampling, got {args.temperature:g}; use --greedy for argmax decoding")
+    if args.greedy and args.seeds and len(args.seeds) > 1:
+        p.error("--seeds with --greedy: greedy answers are the same for every seed; drop one of the two flags")
     if args.runs is None or args.model is not None:  # the table alone needs no model
         args.model, note = resolve_model(args.model)
         if note and not args.from_predictions:
@@ -145,21 +176,38 @@ def generate_batch(model, tokenizer, batch: list[dict], gen: GenerationSettings)
         ended = bool(row) and row[-1] == tokenizer.eop_id
         text = tokenizer.decode(row, skip_special_tokens=True)  # the study's rule (model.tokenizer.SKIPPED_PIECES)
         records.append({"index": s["index"], "prompt": s["prompt"], "label": s["label"], "predict": text,
-                        "hit_length_cap": not ended})
+                        "hit_length_cap": not ended, "new_tokens": len(row)})
     return records
 
 
-def length_sorted_batches(samples: list[dict], batch_size: int) -> list[list[dict]]:
-    """Longest prompts first (an out-of-memory shows at once); similar lengths share a batch (little padding)."""
-    order = sorted(samples, key=lambda s: (-len(s["input_ids"]), s["index"]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def length_sorted_batches(samples: list[dict], batch_size: int, max_tokens: float = math.inf) -> list[list[dict]]:
+    """Longest first (an out-of-memory shows at once); similar lengths share a batch (little padding). A batch
+    holds at most batch_size samples and at most max_tokens tokens with its padding (one sample in any case)."""
+    batches = []
+    for s in sorted(samples, key=lambda s: (-len(s["input_ids"]), s["index"])):
+        if batches and len(batches[-1]) < batch_size and \
+                (len(batches[-1]) + 1) * len(batches[-1][0]["input_ids"]) <= max_tokens:
+            batches[-1].append(s)
+        else:
+            batches.append([s])
+    return batches
+
+
+def gather(part, rank: int, world: int) -> list | None:
+    """Every rank's `part` on rank 0, in rank order; None on the other ranks."""
+    if world == 1:
+        return [part]
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(part, gathered, dst=0)
+    return gathered
 
 
 def evaluate_dataset(model, tokenizer, identity: dict, name: str, samples: list[dict], out_dir: Path,
-                     gen: GenerationSettings, selection: dict, rank: int, world: int) -> dict | None:
-    """Generate (resuming), gather on rank 0, write predictions + metrics. Returns the metrics on rank 0.
+                     gen: GenerationSettings, selection: dict, nll: dict | None, rank: int, world: int) -> dict | None:
+    """Generate (resuming), gather on rank 0, write predictions + scores + metrics. Returns the metrics on rank 0.
 
-    `selection` says which samples: {"dataset_dir", "max_samples"} (recorded in metrics.json)."""
+    `selection` says which samples: {"dataset_dir", "max_samples"} (recorded in metrics.json); `nll` is
+    reference_nll's result for these samples (rank 0)."""
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     # partial predictions are reused only under the same model, data and settings (not batch size or world
@@ -173,14 +221,11 @@ def evaluate_dataset(model, tokenizer, identity: dict, name: str, samples: list[
     batches = length_sorted_batches(todo, gen.batch_size)[rank::world]
     new = generate_appending(out_dir / f"generated_predictions.partial-{key}.rank{rank}.jsonl", batches, model,
                              tokenizer, gen, name, rank)
-
-    gathered = [None] * world if rank == 0 else None
-    if world > 1:
-        dist.gather_object(new, gathered, dst=0)
-    else:
-        gathered = [new]
+    gathered = gather(new, rank, world)
     metrics = None
     if rank == 0:
+        timing = {"generation_s": time.time() - start, "generated_tokens": sum(r["new_tokens"] for part in gathered
+                                                                                for r in part)}
         for part in gathered:
             done.update((r["index"], r) for r in part)
         missing = [s["index"] for s in samples if s["index"] not in done]
@@ -188,7 +233,7 @@ def evaluate_dataset(model, tokenizer, identity: dict, name: str, samples: list[
             raise RuntimeError(f"{name}: predictions missing for sample indices {missing[:10]}")
         records = [done[s["index"]] for s in samples]  # input order
         settings = {**gen.record(), "batch_size": gen.batch_size, "world_size": world}
-        metrics = finalize(records, out_dir, name, identity, settings, selection, time.time() - start)
+        metrics = finalize(records, out_dir, name, identity, settings, selection, nll, timing, time.time() - start)
         for f in out_dir.glob("generated_predictions.partial-*.jsonl"):
             f.unlink()
     if world > 1:
@@ -230,61 +275,175 @@ def generate_appending(path: Path, batches: list[list[dict]], model, tokenizer, 
     return new
 
 
+# ----------------------------------------------------------------------------- forgetting, without sampling
+def reference_nll(model, tokenizer, samples: list[dict], gen: GenerationSettings, max_target_length: int,
+                  rank: int, world: int, device) -> dict | None:
+    """The teacher-forced NLL of every reference answer, encoded exactly as for training (data.encode_train), in
+    length-sorted batches dealt to ranks; no generation. -> on rank 0 {"per_sample": {index: (mean token NLL,
+    tokens)}, "max_source_length", "max_target_length", "truncated" (samples cut), "runtime_s"}; None elsewhere."""
+    start = time.time()
+    encoded, truncated = [], 0
+    for s in samples:
+        ids, labels, cut = encode_train(tokenizer, s["prompt"], s["label"], gen.max_source_length, max_target_length)
+        encoded.append({"index": s["index"], "input_ids": ids, "labels": labels})
+        truncated += cut
+    model.transformer.attention = gen.attention
+    mine = {}
+    with torch.no_grad():
+        for batch in length_sorted_batches(encoded, gen.batch_size, NLL_BATCH_TOKENS)[rank::world]:
+            values = sample_nll(model, collate_train(batch, tokenizer.pad_id), device)
+            mine.update(zip([s["index"] for s in batch], values))
+    gathered = gather(mine, rank, world)
+    if rank != 0:
+        return None
+    return {"per_sample": {i: v for part in gathered for i, v in part.items()},
+            "max_source_length": gen.max_source_length, "max_target_length": max_target_length,
+            "truncated": truncated, "runtime_s": round(time.time() - start, 2)}
+
+
+def sample_nll(model, batch: dict, device) -> list[tuple[float, int]]:
+    """A training batch (data.collate_train) -> per sample (mean NLL of its label tokens, their count): the
+    training loss (model.token_loss_sum, the same targets) split by sample; one forward for the whole batch,
+    then the fused output layer + loss (model.linear_cross_entropy) row by row."""
+    input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)  # (B, T)
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T): the id position t must predict
+    h = model.transformer(input_ids, batch["attention_mask"].to(device))  # (B, T, H)
+    sums = torch.stack([linear_cross_entropy(h[i], model.lm_head.weight, targets[i]) for i in range(len(h))])
+    counts = (targets != IGNORE).sum(dim=1)  # (B,)
+    return [(s / n, n) for s, n in zip(sums.tolist(), counts.tolist())]
+
+
+# ----------------------------------------------------------------------------- scores
 def finalize(records: list[dict], out_dir: Path, name: str, identity: dict, settings: dict, selection: dict,
-             runtime_s: float) -> dict:
+             nll: dict | None, timing: dict, runtime_s: float) -> dict:
+    """generated_predictions.jsonl, scores.jsonl (per sample) and metrics.json of one set."""
     write_text(out_dir / "generated_predictions.jsonl",
                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    metrics = metrics_record(records, name)
+    metrics, rows = metrics_record(records, name, nll and nll["per_sample"])
+    write_text(out_dir / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     commit, dirty = git_commit()
-    metrics.update(generation=settings, **selection, runtime_s=round(runtime_s, 2), **identity,
-                   fingerprint=fingerprints(identity, name, selection, settings), git_commit=commit, git_dirty=dirty)
+    lengths = {k: nll[k] for k in ("max_source_length", "max_target_length")} if nll else None
+    metrics.update(generation=settings, **selection, runtime_s=round(runtime_s, 2),
+                   generation_s=round(timing["generation_s"], 2), generated_tokens=timing["generated_tokens"],
+                   generation_tokens_per_s=tokens_per_s(timing["generated_tokens"], timing["generation_s"]),
+                   reference_nll=nll and {k: v for k, v in nll.items() if k != "per_sample"}, **identity,
+                   fingerprint=fingerprints(identity, name, selection, settings, lengths), git_commit=commit,
+                   git_dirty=dirty)
     write_json(out_dir / "metrics.json", metrics)
-    print(f"{name}: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS) +
-          f"  ({metrics['n_samples']} samples, {metrics['n_length_capped']} hit the length cap) -> {out_dir}")
+    print(f"{name}: {summary_line(metrics)} ({metrics['n_samples']} samples, {metrics['n_length_capped']} hit the "
+          f"length cap, {metrics['n_empty']} empty) -> {out_dir}")
     return metrics
 
 
-def fingerprints(identity: dict, name: str, selection: dict, generation: dict) -> dict:
+def summary_line(metrics: dict) -> str:
+    """'bleu-4 12.34 [11.02, 13.70]  ...  nll 2.345 [2.301, 2.390]': the means and their 95% bootstrap intervals."""
+    parts = []
+    for k in (*METRICS, "nll"):
+        if k in metrics["interval"]:
+            d, (low, high) = 3 if k == "nll" else 2, metrics["interval"][k]
+            parts.append(f"{k} {metrics[k]:.{d}f} [{low:.{d}f}, {high:.{d}f}]")
+    return "  ".join(parts)
+
+
+def tokens_per_s(tokens: int, seconds: float) -> float | None:
+    """Generation speed of this call (None when it generated nothing: every prediction came from a resumed file)."""
+    return round(tokens / max(seconds, 1e-9), 1) if tokens else None
+
+
+def fingerprints(identity: dict, name: str, selection: dict, generation: dict, nll_lengths: dict | None) -> dict:
     """What these scores depend on (fingerprint.py); results.py and launch.sh compare "code" with the checkout's."""
     checkpoint = identity["checkpoint"]
     decisive = {k: v for k, v in generation.items() if k not in ("batch_size", "world_size")}
     return {"code": code_fingerprint(), "data": data_fingerprint(selection["dataset_dir"], [name]),
             "adapter": short_hash(checkpoint["sha256"]) if checkpoint else None,
-            "settings": short_hash({**decisive, **selection, "model": identity["model"]})}
+            "settings": short_hash({**decisive, **selection, "model": identity["model"], "nll": nll_lengths})}
 
 
-def metrics_record(records: list[dict], name: str) -> dict:
-    scores = corpus_scores([r["predict"] for r in records], [r["label"] for r in records])
-    return {"dataset": name, **scores, "n_samples": len(records),
-            "n_length_capped": sum(bool(r.get("hit_length_cap")) for r in records),
-            "metric_definition": DEFINITION, "versions": versions()}
+def metrics_record(records: list[dict], name: str, nll: dict | None) -> tuple[dict, list[dict]]:
+    """Prediction records (+ per-sample NLL by index, or None) -> (metrics.json's scores, the per-sample rows)."""
+    rows = []
+    for r in records:
+        row = {"index": r["index"], **sample_scores(r["predict"], r["label"])}
+        if nll is not None:
+            row["nll"], row["target_tokens"] = nll[r["index"]]
+        rows.append(row)
+    metrics = {"dataset": name, **score_stats(rows), "n_samples": len(records), **prediction_stats(records),
+               "metric_definition": DEFINITION, "nll_definition": NLL_DEFINITION, "versions": versions()}
+    return metrics, rows
 
 
 def evaluate_run(args, gen: GenerationSettings, checkpoint, out_dir: Path, datasets: list[str], rank: int,
                  world: int, device) -> dict:
-    """Every input is checked (datasets read, model and adapter loaded) before the first token is generated."""
+    """Every input is checked (datasets read, model and adapter loaded) before the first token is generated.
+    With --seeds: every set once per seed in out_dir/seed-S/<set>/, their summary in out_dir/<set>/."""
     tokenizer = load_tokenizer(args.model)
     all_samples = {name: build_eval_samples(tokenizer, name, args.dataset_dir, args.max_samples,
                                             gen.max_source_length, gen.source_prefix, args.skip_bad_records)
                    for name in datasets}
     model, identity = load_for_inference(args.model, checkpoint, args.precision, device, args.force, args.quantize)
     selection = {"dataset_dir": str(args.dataset_dir), "max_samples": args.max_samples}
-    return {name: evaluate_dataset(model, tokenizer, identity, name, samples, out_dir / name, gen, selection,
-                                   rank, world)
-            for name, samples in all_samples.items()}
+    seeds = args.seeds or [gen.seed]
+    out = {}
+    for name, samples in all_samples.items():
+        nll = reference_nll(model, tokenizer, samples, gen, args.max_target_length, rank, world, device)
+        if len(seeds) == 1:
+            out[name] = evaluate_dataset(model, tokenizer, identity, name, samples, out_dir / name,
+                                         replace(gen, seed=seeds[0]), selection, nll, rank, world)
+            continue
+        dirs = {s: out_dir / f"seed-{s}" / name for s in seeds}
+        per_seed = {s: evaluate_dataset(model, tokenizer, identity, name, samples, dirs[s], replace(gen, seed=s),
+                                        selection, nll, rank, world) for s in seeds}
+        out[name] = summarize_seeds(out_dir / name, per_seed, dirs) if rank == 0 else None
+    return out
+
+
+def summarize_seeds(out_dir: Path, per_seed: dict[int, dict], dirs: dict[int, Path]) -> dict:
+    """--seeds: out_dir/metrics.json and scores.jsonl over every seed's predictions of one set. The scores of a
+    sample are averaged over the seeds; the metrics are their means and the pooled interval (bootstrap over samples
+    of those averages), "seeds" holds each seed's means and their mean and sd; counts and lengths are over all
+    predictions. The other fields are the first seed's."""
+    seeds = list(per_seed)
+    rows = {s: read_jsonl(d / "scores.jsonl") for s, d in dirs.items()}
+    records = [r for d in dirs.values() for r in read_jsonl(d / "generated_predictions.jsonl")]
+    pooled = [{**row, **{k: float(np.mean([rows[s][i][k] for s in seeds])) for k in METRICS}}
+              for i, row in enumerate(rows[seeds[0]])]  # every seed scored the same samples in the same order
+    first = per_seed[seeds[0]]
+    by_seed = {k: [per_seed[s][k] for s in seeds] for k in METRICS}
+    summary = {**first, **score_stats(pooled), **prediction_stats(records),
+               "seeds": {"values": seeds, "mean": {k: float(np.mean(v)) for k, v in by_seed.items()},
+                         "sd": {k: float(np.std(v, ddof=1)) for k, v in by_seed.items()},
+                         "per_seed": {str(s): {k: per_seed[s][k] for k in METRICS} for s in seeds},
+                         "dirs": [str(d.relative_to(out_dir.parent)) for d in dirs.values()]},
+               "generation": {**first["generation"], "seed": seeds}}
+    for k in ("runtime_s", "generation_s", "generated_tokens"):
+        summary[k] = round(sum(per_seed[s][k] for s in seeds), 2)
+    summary["generation_tokens_per_s"] = tokens_per_s(summary["generated_tokens"], summary["generation_s"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in pooled))
+    write_json(out_dir / "metrics.json", summary)
+    print(f"{first['dataset']} over seeds {','.join(map(str, seeds))}: " + "  ".join(
+        f"{k} {summary['seeds']['mean'][k]:.2f} ±{summary['seeds']['sd'][k]:.2f} sd" for k in METRICS) +
+          f"; pooled: {summary_line(summary)} -> {out_dir}")
+    return summary
 
 
 def recompute(predictions: Path) -> dict:
-    """--from-predictions: metrics.json next to the file, scores recomputed, generation details kept."""
+    """--from-predictions: metrics.json and scores.jsonl next to the file, scores recomputed; the NLL of each
+    sample (from the old scores.jsonl) and the generation details kept."""
     records = read_jsonl(predictions)
     if not records:
         raise ValueError(f"{predictions}: no prediction records (expected generated_predictions.jsonl lines with "
                          "'predict' and 'label')")
-    path = predictions.parent / "metrics.json"
+    path, scores = predictions.parent / "metrics.json", predictions.parent / "scores.jsonl"
     old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    metrics = {**old, **metrics_record(records, old.get("dataset", predictions.parent.name))}
+    nll = {r["index"]: (r["nll"], r["target_tokens"]) for r in read_jsonl(scores) if "nll" in r} \
+        if scores.is_file() else {}
+    new, rows = metrics_record(records, old.get("dataset", predictions.parent.name),
+                               nll if all(r["index"] in nll for r in records) else None)
+    metrics = {**old, **new}
+    write_text(scores, "".join(json.dumps(r) + "\n" for r in rows))
     write_json(path, metrics)
-    print(json.dumps({k: metrics[k] for k in (*METRICS, "n_samples", "n_length_capped")}))
+    print(json.dumps({k: metrics[k] for k in (*METRICS, "nll", "n_samples", "n_length_capped", "n_empty")}))
     return metrics
 
 

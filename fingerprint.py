@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent
 # Files whose change can change a trained weight, a generated token or a score. Not results.py (it only formats)
 # nor the benches and tests.
 CODE = ("model/*.py", "adapters/*.py", "data/*.py", "train.py", "rundir.py", "runtime.py", "files.py",
-        "evaluate.py", "metrics.py")
+        "evaluate.py", "metrics.py", "stats.py")
 LIBRARIES = ("torch", "numpy", "sentencepiece", "safetensors", "jieba", "rouge-chinese", "nltk")
 EVAL_SETS = ("roleplay_all_test", "alpaca_gpt4_zh")  # launch.sh's evaluation sets
 

@@ -1,71 +1,133 @@
-"""The comparison of runs: results.md (the study's table), results.csv and results.png.
+"""The comparison of runs: results.md (the study's table), results.csv and results.png, with uncertainty.
 
 A run is a directory with run.json (launch.sh writes its id, method, target, layers, aux) and, per
-evaluation set, eval/<set>/metrics.json (evaluate.py). Columns follow `metrics.METRICS`, titled by
-`metrics.TITLES`: a metric added there shows up here.
+evaluation set, eval/<set>/metrics.json and scores.jsonl (evaluate.py). Columns follow `metrics.METRICS`,
+titled by `metrics.TITLES` (a metric added there shows up here), then NLL, its change from run 0 and PPL.
+A value is the mean over samples with its 95% bootstrap interval (metrics.json); every run is compared with
+run 0 (the base model) by a paired bootstrap over the samples both were scored on (stats.paired_difference).
 """
 import csv
 import json
 from pathlib import Path
 
-from files import write_text
+from files import read_jsonl, write_text
 from fingerprint import code_fingerprint, made_by_other_code, read_json
 from metrics import METRICS, TITLES
+from stats import LEVEL, METHOD, RESAMPLES, SEED, paired_difference, significant
 
 RUN_COLUMNS = ("id", "method", "target", "layers", "aux")
-
-
+BASE_ID = 0  # the row every other row is compared with: the base model (launch.sh)
 OTHER_CODE = "†"  # marks a run whose numbers came from other code than this checkout's (fingerprint.py)
+ABOVE, BELOW = "▲", "▼"  # the paired interval of the difference from run 0 lies above / below 0
+LEGEND = (
+    f"- Each value: mean over samples ±half the width of its {LEVEL:.0%} bootstrap interval ({METHOD} method, "
+    f"{RESAMPLES} resamples, seed {SEED}).\n"
+    f"- {ABOVE} / {BELOW}: higher / lower than run {BASE_ID} beyond chance: by a paired bootstrap over the same "
+    f"samples, the {LEVEL:.0%} interval of the mean difference excludes 0. ΔNLL: that difference for the NLL.\n"
+    "- NLL: mean negative log-likelihood (natural log) per token of the reference answers under the training prompt, "
+    "without sampling; PPL = exp(NLL). Lower is better; a rise over run 0 is forgetting.\n"
+    "- **bold**: the best value of each column as shown (the K best with --bold-top K); ΔNLL is not ranked.\n")
+
+
+def columns() -> list[tuple[str, str, int, int]]:
+    """The columns of one evaluation set: (key, title, decimals, better: 1 higher, -1 lower, 0 not ranked)."""
+    return ([(m, TITLES[m], 2, 1) for m in METRICS] +
+            [("nll", "NLL", 3, -1), ("nll-change", "ΔNLL", 3, 0), ("ppl", "PPL", 2, -1)])
 
 
 def read_runs(runs_dir: Path, datasets: list[str], code: str | None = None) -> list[dict]:
-    """Every runs_dir/*/run.json with its metrics per evaluation set (None where missing), sorted by id;
-    run["other_code"] is True when its training or scores were made by other code than `code` (this checkout's)."""
+    """Every runs_dir/*/run.json with its metrics and per-sample scores per evaluation set (None where missing),
+    sorted by id; run["other_code"] is True when its training or scores were made by other code than `code` (this
+    checkout's); run["vs_base"][set][key] = (mean difference from run 0, low, high) where both have scores."""
     code = code or code_fingerprint()
     runs = []
     for run_json in runs_dir.glob("*/run.json"):
         run = json.loads(run_json.read_text(encoding="utf-8"))
         run["dir"] = run_json.parent
         run["metrics"] = {name: read_json(run_json.parent / "eval" / name / "metrics.json") for name in datasets}
+        scores = [run_json.parent / "eval" / name / "scores.jsonl" for name in datasets]
+        run["scores"] = {name: read_jsonl(f) if f.is_file() else None for name, f in zip(datasets, scores)}
         train = read_json(run_json.parent / "train_results.json") if run.get("method", "none") != "none" else None
         run["other_code"] = made_by_other_code(train, list(run["metrics"].values()), code)
         runs.append(run)
-    return sorted(runs, key=lambda r: int(r["id"]))
-
-
-def table_rows(runs: list[dict], datasets: list[str]) -> list[list[str]]:
-    """Formatted cells per run: id, method, target, layers, aux, then the values (two decimals; missing '-')."""
-    rows = []
+    runs.sort(key=lambda r: int(r["id"]))
+    base = next((r for r in runs if int(r["id"]) == BASE_ID), None)
     for run in runs:
-        cells = [str(run["id"]) + (OTHER_CODE if run["other_code"] else ""), str(run.get("method", "-")), str(run.get("target", "-")),
-                 str(run.get("layers", "-")), "yes" if run.get("aux") else "no"]
-        for name in datasets:
-            m = run["metrics"][name]
-            cells += [f"{m[k]:.2f}" if m else "-" for k in METRICS]
-        rows.append(cells)
+        run["vs_base"] = {name: compare(base["scores"][name], run["scores"][name])
+                          if base is not None and run is not base else {} for name in datasets}
+    return runs
+
+
+def compare(base: list[dict] | None, rows: list[dict] | None) -> dict:
+    """Per-sample scores of run 0 and of a run -> {key: (run minus run 0, low, high)} by paired bootstrap, for the
+    metrics and the NLL (per token: weighted by the reference tokens); {} unless both scored the same samples."""
+    if not base or not rows or [r["index"] for r in base] != [r["index"] for r in rows]:
+        return {}
+    both = base + rows
+    out = {k: paired_difference([r[k] for r in base], [r[k] for r in rows]) for k in METRICS
+           if all(k in r for r in both)}
+    if all("nll" in r for r in both) and [r["target_tokens"] for r in base] == [r["target_tokens"] for r in rows]:
+        out["nll"] = paired_difference([r["nll"] for r in base], [r["nll"] for r in rows],
+                                       [r["target_tokens"] for r in rows])
+    return {k: tuple(round(x, 6) for x in v) for k, v in out.items()}
+
+
+def value(run: dict, name: str, key: str) -> tuple | None:
+    """(mean, low, high) of one cell, low and high None where metrics.json has no interval; None where missing."""
+    if key == "nll-change":
+        return run["vs_base"][name].get("nll")
+    m = run["metrics"][name]
+    if not m or m.get(key) is None:
+        return None
+    low, high = (m.get("interval") or {}).get(key, (None, None))
+    return m[key], low, high
+
+
+def mark(run: dict, name: str, key: str) -> str:
+    """' ▲' / ' ▼' where the run differs from run 0 beyond chance (metrics and ΔNLL), else ''."""
+    compared = "nll" if key == "nll-change" else key if key in METRICS else None  # NLL and PPL: see ΔNLL
+    diff = run["vs_base"][name].get(compared)
+    if diff is None or not significant(diff[1], diff[2]):
+        return ""
+    return " " + (ABOVE if diff[1] > 0 else BELOW)
+
+
+def cell(v: tuple, decimals: int, signed: bool) -> str:
+    """'18.50 ±1.20': the mean and the half-width of its interval (the mean alone without an interval)."""
+    mean, low, high = v
+    text = f"{mean:+.{decimals}f}" if signed else f"{mean:.{decimals}f}"
+    return text if low is None else f"{text} ±{(high - low) / 2:.{decimals}f}"
+
+
+def table_rows(runs: list[dict], datasets: list[str], top: int) -> list[list[str]]:
+    """Formatted cells per run: id, method, target, layers, aux, then per set and column the value ('-' where
+    missing), bold among the `top` best distinct means of its column (as displayed, so ties tie), and its mark."""
+    rows = [[str(run["id"]) + (OTHER_CODE if run["other_code"] else ""), str(run.get("method", "-")),
+             str(run.get("target", "-")), str(run.get("layers", "-")), "yes" if run.get("aux") else "no"]
+            for run in runs]
+    for name in datasets:
+        for key, _, decimals, better in columns():
+            values = [value(run, name, key) for run in runs]
+            shown = {round(v[0], decimals) for v in values if v is not None}
+            best = sorted(shown, reverse=better > 0)[:top] if better else []
+            for row, run, v in zip(rows, runs, values):
+                text = "-" if v is None else cell(v, decimals, key == "nll-change")
+                if v is not None and round(v[0], decimals) in best:
+                    text = f"**{text}**"
+                row.append(text + mark(run, name, key))
     return rows
 
 
-def bold_best(rows: list[list[str]], first_value_col: int, top: int) -> list[list[str]]:
-    """Bold every value among the `top` highest distinct values of its column (as displayed, so ties tie)."""
-    out = [list(r) for r in rows]
-    for c in range(first_value_col, len(rows[0]) if rows else 0):
-        values = sorted({float(r[c]) for r in rows if r[c] != "-"}, reverse=True)[:top]
-        for r in out:
-            if r[c] != "-" and float(r[c]) in values:
-                r[c] = f"**{r[c]}**"
-    return out
-
-
 def markdown_table(runs: list[dict], datasets: list[str], top: int) -> str:
-    """The study's layout: a header naming the sets, a separator, a row naming the metrics, one row per run."""
-    rows = bold_best(table_rows(runs, datasets), len(RUN_COLUMNS), top)
+    """The study's layout: a header naming the sets, a separator, a row naming the columns, one row per run,
+    then what the cells mean."""
+    cols = columns()
     header = list(RUN_COLUMNS)
     for name in datasets:
-        header += [name] + ["-"] * (len(METRICS) - 1)
-    metric_row = ["-"] * len(RUN_COLUMNS) + [TITLES[m] for _ in datasets for m in METRICS]
-    lines = [header, ["-" * len(h) for h in header], metric_row] + rows
-    text = "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
+        header += [name] + ["-"] * (len(cols) - 1)
+    title_row = ["-"] * len(RUN_COLUMNS) + [title for _ in datasets for _, title, _, _ in cols]
+    lines = [header, ["-" * len(h) for h in header], title_row] + table_rows(runs, datasets, top)
+    text = "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n\n" + LEGEND
     if any(run["other_code"] for run in runs):
         text += (f"\n{OTHER_CODE} made by other code than this checkout's (its fingerprint differs): "
                  "`bash launch.sh --rerun-stale` redoes these runs\n")
@@ -73,41 +135,79 @@ def markdown_table(runs: list[dict], datasets: list[str], top: int) -> str:
 
 
 def write_csv(path: Path, runs: list[dict], datasets: list[str]):
+    """Per set and key: the mean, its interval (low, high) and, except for PPL, the paired difference from run 0
+    (vs_base, vs_base_low, vs_base_high); empty where missing."""
+    keys = [*METRICS, "nll", "ppl"]
+    header = ["id", "name", "method", "target", "layers", "aux", "other_code"]
+    for n in datasets:
+        for k in keys:
+            header += [f"{n}/{k}", f"{n}/{k}/low", f"{n}/{k}/high"]
+            header += [f"{n}/{k}/vs_base", f"{n}/{k}/vs_base_low", f"{n}/{k}/vs_base_high"] if k != "ppl" else []
     with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "name", "method", "target", "layers", "aux", "other_code"] +
-                   [f"{n}/{m}" for n in datasets for m in METRICS])
+        w.writerow(header)
         for run in runs:
-            values = [run["metrics"][n][m] if run["metrics"][n] else "" for n in datasets for m in METRICS]
-            w.writerow([run["id"], run.get("name", run["dir"].name), run.get("method"), run.get("target"),
-                        run.get("layers"), bool(run.get("aux")), run["other_code"]] + values)
+            cells = [run["id"], run.get("name", run["dir"].name), run.get("method"), run.get("target"),
+                     run.get("layers"), bool(run.get("aux")), run["other_code"]]
+            for n in datasets:
+                for k in keys:
+                    cells += ["" if v is None else v for v in (value(run, n, k) or (None,) * 3)]
+                    cells += run["vs_base"][n].get(k, ("",) * 3) if k != "ppl" else []
+            w.writerow(cells)
+
+
+def chart_grid(runs: list[dict], datasets: list[str]) -> dict:
+    """What results.png shows, per run (rows) and (set, metric or NLL) (columns): "labels", "values" and "half"
+    (half-width of the interval; NaN where none) (runs, columns), "better" per column, and "hatched": the cells of
+    runs whose paired difference from run 0 does not exclude 0."""
+    import numpy as np
+
+    cols = [(k, title, better) for k, title, _, better in columns() if k in (*METRICS, "nll")]
+    cells = [[value(run, n, k) for n in datasets for k, _, _ in cols] for run in runs]
+    diffs = [[run["vs_base"][n].get(k) for n in datasets for k, _, _ in cols] for run in runs]
+    return {"labels": [f"{n}\n{title}" for n in datasets for _, title, _ in cols],
+            "values": np.array([[np.nan if v is None else v[0] for v in row] for row in cells], dtype=float),
+            "half": np.array([[np.nan if v is None or v[1] is None else (v[2] - v[1]) / 2 for v in row]
+                              for row in cells], dtype=float),
+            "better": np.array([b for _ in datasets for _, _, b in cols]),
+            "hatched": np.array([[d is not None and not significant(d[1], d[2]) for d in row] for row in diffs])}
 
 
 def write_chart(path: Path, runs: list[dict], datasets: list[str]):
-    """A heatmap: one row per run, one column per (set, metric); colour = value / best of its column."""
+    """A heatmap: one row per run, one column per (set, metric or NLL); the text is the mean ± the half-width of its
+    interval, the colour the value as a fraction of the column's best, hatched where it is not distinguishable
+    from run 0's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.patches import Rectangle
 
-    values = np.array([[run["metrics"][n][m] if run["metrics"][n] else np.nan for n in datasets for m in METRICS]
-                       for run in runs], dtype=float)  # (runs, sets * metrics)
-    best = np.array([max(col[~np.isnan(col)], default=0.0) for col in values.T])
-    shade = values / np.where(best > 0, best, 1.0)
-    fig, ax = plt.subplots(figsize=(2 + 1.1 * values.shape[1], 1.2 + 0.38 * max(len(runs), 1)))
+    grid = chart_grid(runs, datasets)
+    values, half = grid["values"], grid["half"]  # (runs, columns)
+    best = np.array([(np.nanmax if b > 0 else np.nanmin)(col) if (~np.isnan(col)).any() else np.nan
+                     for col, b in zip(values.T, grid["better"])])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shade = np.where(grid["better"] > 0, values / best, best / values)  # 1 = the column's best
+    shade = np.nan_to_num(shade, nan=0.0, posinf=0.0)
+    fig, ax = plt.subplots(figsize=(2 + 1.15 * values.shape[1], 1.4 + 0.5 * max(len(runs), 1)))
     ax.imshow(shade, cmap="YlGn", vmin=0, vmax=1, aspect="auto")
-    for i in range(values.shape[0]):
-        for j in range(values.shape[1]):
-            if not np.isnan(values[i, j]):
-                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if shade[i, j] > 0.7 else "black")
-    for j in range(len(METRICS), values.shape[1], len(METRICS)):
+    for i, j in zip(*np.nonzero(~np.isnan(values))):
+        d = 3 if grid["better"][j] < 0 else 2  # NLL: as in the table
+        text = f"{values[i, j]:.{d}f}" + ("" if np.isnan(half[i, j]) else f"\n±{half[i, j]:.{d}f}")
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if shade[i, j] > 0.7 else "black")
+        if grid["hatched"][i, j]:
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="grey", lw=0))
+    per_set = values.shape[1] // max(len(datasets), 1)
+    for j in range(per_set, values.shape[1], per_set):
         ax.axvline(j - 0.5, color="black", linewidth=1.5)  # between evaluation sets
-    ax.set_xticks(range(values.shape[1]), [f"{n}\n{TITLES[m]}" for n in datasets for m in METRICS], fontsize=7)
-    ax.set_yticks(range(len(runs)), [f"{r['id']}{OTHER_CODE if r['other_code'] else ''} {r.get('method')} {r.get('target')} {r.get('layers')}"
-                                      f"{' aux' if r.get('aux') else ''}" for r in runs], fontsize=8)
-    ax.set_title(f"{' / '.join(TITLES[m] for m in METRICS)} per run (colour: fraction of the column's best)")
+    ax.set_xticks(range(values.shape[1]), grid["labels"], fontsize=7)
+    ax.set_yticks(range(len(runs)), [f"{r['id']}{OTHER_CODE if r['other_code'] else ''} {r.get('method')} "
+                                     f"{r.get('target')} {r.get('layers')}{' aux' if r.get('aux') else ''}"
+                                     for r in runs], fontsize=8)
+    ax.set_title(f"mean ± half of the {LEVEL:.0%} bootstrap interval; colour: fraction of the column's best "
+                 f"(NLL: lowest); hatched: not different from run {BASE_ID} (paired bootstrap)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
