@@ -10,9 +10,11 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+
 from files import read_jsonl, write_text
 from fingerprint import code_fingerprint, made_by_other_code, read_json
-from metrics import METRICS, TITLES
+from metrics import METRICS, TITLES, score_stats
 from stats import LEVEL, METHOD, RESAMPLES, SEED, paired_difference, significant
 
 RUN_COLUMNS = ("id", "method", "target", "layers", "aux")
@@ -26,7 +28,9 @@ LEGEND = (
     f"samples, the {LEVEL:.0%} interval of the mean difference excludes 0. ΔNLL: that difference for the NLL.\n"
     "- NLL: mean negative log-likelihood (natural log) per token of the reference answers under the training prompt, "
     "without sampling; PPL = exp(NLL). Lower is better; a rise over run 0 is forgetting.\n"
-    "- **bold**: the best value of each column as shown (the K best with --bold-top K); ΔNLL is not ranked.\n")
+    "- **bold**: the best value of each column as shown (the K best with --bold-top K); ΔNLL is not ranked.\n"
+    "- Rows run with k seeds (launch.sh SEEDS=k): the mean over the seeds, ± half of the pooled interval (each "
+    "sample's scores averaged over the seeds), then `sd`: the standard deviation of the seeds' own means.\n")
 
 
 def columns() -> list[tuple[str, str, int, int]]:
@@ -50,12 +54,36 @@ def read_runs(runs_dir: Path, datasets: list[str], code: str | None = None) -> l
         train = read_json(run_json.parent / "train_results.json") if run.get("method", "none") != "none" else None
         run["other_code"] = made_by_other_code(train, list(run["metrics"].values()), code)
         runs.append(run)
-    runs.sort(key=lambda r: int(r["id"]))
+    runs.sort(key=lambda r: (int(r["id"]), r.get("seed", 42)))
+    runs = [pool_seeds([r for r in runs if r["id"] == i], datasets) for i in dict.fromkeys(r["id"] for r in runs)]
     base = next((r for r in runs if int(r["id"]) == BASE_ID), None)
     for run in runs:
         run["vs_base"] = {name: compare(base["scores"][name], run["scores"][name])
                           if base is not None and run is not base else {} for name in datasets}
     return runs
+
+
+def pool_seeds(group: list[dict], datasets: list[str]) -> dict:
+    """The runs of one grid row with different seeds (launch.sh SEEDS=k) -> one row. Per set, each sample's scores
+    (and NLL) are averaged over the seeds; the row's values are their means with the pooled interval (bootstrap
+    over samples of those averages), and metrics["seeds"] holds the sd over the seeds' own means. A set is
+    missing (None) unless every seed scored the same samples. One run stays as it is."""
+    if len(group) == 1:
+        return group[0]
+    row = {**group[0], "seeds": [r.get("seed") for r in group], "other_code": any(r["other_code"] for r in group)}
+    row["metrics"], row["scores"] = {}, {}
+    for name in datasets:
+        scores = [r["scores"][name] for r in group]
+        if not all(scores) or len({tuple(x["index"] for x in s) for s in scores}) != 1:
+            row["metrics"][name] = row["scores"][name] = None
+            continue
+        keys = [k for k in (*METRICS, "nll") if all(k in x for s in scores for x in s)]
+        pooled = [{**first, **{k: sum(s[i][k] for s in scores) / len(scores) for k in keys}}
+                  for i, first in enumerate(scores[0])]
+        means = {k: [r["metrics"][name][k] for r in group] for k in METRICS}
+        sd = {k: float(np.std(v, ddof=1)) for k, v in means.items()}
+        row["metrics"][name], row["scores"][name] = {**score_stats(pooled), "seeds": {"sd": sd}}, pooled
+    return row
 
 
 def compare(base: list[dict] | None, rows: list[dict] | None) -> dict:
@@ -81,6 +109,12 @@ def value(run: dict, name: str, key: str) -> tuple | None:
         return None
     low, high = (m.get("interval") or {}).get(key, (None, None))
     return m[key], low, high
+
+
+def seed_sd(run: dict, name: str, key: str) -> str:
+    """' sd 0.52' after the mean of a row pooled over seeds, else ''."""
+    sd = ((run["metrics"][name] or {}).get("seeds") or {}).get("sd", {}).get(key)
+    return "" if sd is None else f" sd {sd:.2f}"
 
 
 def mark(run: dict, name: str, key: str) -> str:
@@ -114,7 +148,7 @@ def table_rows(runs: list[dict], datasets: list[str], top: int) -> list[list[str
                 text = "-" if v is None else cell(v, decimals, key == "nll-change")
                 if v is not None and round(v[0], decimals) in best:
                     text = f"**{text}**"
-                row.append(text + mark(run, name, key))
+                row.append(text + seed_sd(run, name, key) + mark(run, name, key))
     return rows
 
 

@@ -180,6 +180,31 @@ def test_table_intervals_and_comparisons_with_run_0(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_rows_with_several_seeds_are_pooled(tmp_path):
+    """launch.sh SEEDS=3 leaves three run directories of one id: the table has one row, the mean over the seeds with
+    the sd of their means and the interval of the per-sample averages."""
+    row = {"id": 17, "method": "lora", "target": "qkv", "layers": "3-5", "aux": False}
+    seeds = {42: synthetic_rows(60, 1), 43: synthetic_rows(60, 2), 44: synthetic_rows(60, 3)}
+    for seed, rows in seeds.items():
+        write_scored_run(tmp_path, f"17-lora-qkv-3-5{'' if seed == 42 else f'-seed{seed}'}", {**row, "seed": seed},
+                         {s: rows for s in SETS})
+    (run,) = results.read_runs(tmp_path, list(SETS))
+    assert run["seeds"] == [42, 43, 44]
+    m = run["metrics"]["roleplay_all_test"]
+    per_seed = {k: [np.mean([r[k] for r in rows]) for rows in seeds.values()] for k in METRICS}
+    for k in METRICS:
+        assert m[k] == pytest.approx(np.mean(per_seed[k]), abs=1e-9)
+        assert m["seeds"]["sd"][k] == pytest.approx(np.std(per_seed[k], ddof=1), abs=1e-9)
+        low, high = m["interval"][k]
+        assert low < m[k] < high and high - low < 3 * np.std(per_seed[k], ddof=1) + 20
+    tokens = [r["target_tokens"] for r in seeds[42]]
+    averaged = [np.mean([rows[i]["nll"] for rows in seeds.values()]) for i in range(60)]
+    assert m["nll"] == pytest.approx(np.dot(averaged, tokens) / sum(tokens), abs=1e-9)
+    table = results.markdown_table([run], list(SETS), 1)
+    bleu = table.splitlines()[3].split(" | ")[5]
+    assert bleu.startswith(f"**{m['bleu-4']:.2f} ±") and f" sd {m['seeds']['sd']['bleu-4']:.2f}" in bleu
+
+
 def test_table_bold_top_and_missing_metrics(tmp_path, capsys):
     three_runs(tmp_path)
     write_run(tmp_path, "17-lora-qkv", {"id": 17, "method": "lora", "target": "qkv", "layers": "3-5", "aux": False},
