@@ -40,11 +40,8 @@ def read_dataset_info(dataset_dir) -> dict:
 
 
 def sha1_of(path) -> str:
-    h = hashlib.sha1()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 def dataset_file(name: str, dataset_dir, info: dict) -> Path:
