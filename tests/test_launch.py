@@ -252,7 +252,7 @@ def test_reruns_do_what_the_fingerprint_says(tmp_path, tiny_base):
     adapter = load_file(run / "adapter_model.safetensors")
     save_file({k: v + 0.01 for k, v in adapter.items()}, run / "adapter_model.safetensors")
     out = launch(env, "11").stdout
-    assert f"{RUN}: evaluating" in out and "training" not in out
+    assert f"{RUN}: evaluating" in out and f"{RUN}: training" not in out
     assert len(attempts(run / "train.log")) == 1 and len(attempts(run / "eval.log")) == 2
     for m in results[1:]:
         assert json.loads(m.read_text())["checkpoint"]["sha256"] == fingerprint.adapter_sha256(run)
