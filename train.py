@@ -314,7 +314,8 @@ def make_setup(model, args, total: int, rank: int, world: int, device) -> Setup:
     if fsdp:
         shard_fsdp2(model, args.precision)
     elif world > 1:  # the only buffers are quantized weights (model/quant.py), equal on every rank: sent once
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        quantized = {"broadcast_buffers": False} if any(True for _ in model.buffers()) else {}
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **quantized)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
