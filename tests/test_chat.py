@@ -1,5 +1,6 @@
 """The study's decode rule and `evaluate.py --chat`: streaming, history that fits, messages that keep the session
 alive, and a session on a real pseudo-terminal with a tiny checkpoint trained to emit <sop> mid-answer."""
+import contextlib
 import io
 import os
 import select
@@ -181,17 +182,23 @@ def sop_checkpoint(tmp_path_factory, tok):
     return out, turns
 
 
-def spawn_in_pty(args):
-    """evaluate.py with stdin, stdout and stderr on a new pseudo-terminal that is its controlling terminal
-    (so ^C written to it is SIGINT) -> (process, master fd)."""
+@contextlib.contextmanager
+def chat_in_pty(model_dir):
+    """`evaluate.py --chat --greedy` with stdin, stdout and stderr on a new pseudo-terminal that is its controlling
+    terminal (so ^C written to it is SIGINT) -> (process, master fd); killed and closed on the way out."""
     master, slave = os.openpty()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # a new session takes the terminal on stdin as its own, then runs evaluate.py (no preexec_fn: threads here)
     ctty = "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execv(sys.argv[1], sys.argv[1:])"
-    proc = subprocess.Popen([sys.executable, "-c", ctty, sys.executable, "evaluate.py", *args], cwd=ROOT, env=env,
-                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", ctty, sys.executable, "evaluate.py", "--chat", "--model",
+                             str(model_dir), "--greedy"], cwd=ROOT, env=env, stdin=slave, stdout=slave,
+                            stderr=slave, start_new_session=True)
     os.close(slave)
-    return proc, master
+    try:
+        yield proc, master
+    finally:
+        proc.kill()
+        os.close(master)
 
 
 def read_screen(master, screen: bytearray, deadline: float, until: bytes | None = None, count: int = 0):
@@ -223,9 +230,8 @@ def test_checkpoint_emits_sop_mid_answer(sop_checkpoint):
 
 def test_three_turns_on_a_terminal_then_ctrl_d(sop_checkpoint):
     path, turns = sop_checkpoint
-    proc, master = spawn_in_pty(["--chat", "--model", str(path), "--greedy"])
     screen, prompt, deadline = bytearray(), "用户：".encode(), time.monotonic() + 60
-    try:
+    with chat_in_pty(path) as (proc, master):
         for k, query in enumerate(QUERIES):
             read_screen(master, screen, deadline, prompt, k + 1)
             os.write(master, query.encode() + b"\n")
@@ -233,18 +239,14 @@ def test_three_turns_on_a_terminal_then_ctrl_d(sop_checkpoint):
         os.write(master, b"\x04")
         read_screen(master, screen, deadline)
         assert proc.wait(timeout=10) == 0
-    finally:
-        proc.kill()
-        os.close(master)
     text = screen.decode()
     assert [a for _, _, a in turns if f"ChatGLM: {a}\r\n" not in text] == [], text
     assert [s for s in SCREEN_NEVER if s in text] == []
 
 
 def test_ctrl_c_at_the_prompt_exits_0(sop_checkpoint):
-    proc, master = spawn_in_pty(["--chat", "--model", str(sop_checkpoint[0]), "--greedy"])
     screen, deadline = bytearray(), time.monotonic() + 60
-    try:
+    with chat_in_pty(sop_checkpoint[0]) as (proc, master):
         read_screen(master, screen, deadline, "用户：".encode(), 1)
         # input() writes the prompt, then blocks reading; a SIGINT between the two waits for the read to return
         # (CPython's readline), a moment no person can hit: give the child time to block first
@@ -252,7 +254,4 @@ def test_ctrl_c_at_the_prompt_exits_0(sop_checkpoint):
         os.write(master, b"\x03")
         read_screen(master, screen, deadline)
         assert proc.wait(timeout=10) == 0
-    finally:
-        proc.kill()
-        os.close(master)
     assert "Traceback" not in screen.decode()

@@ -211,9 +211,9 @@ def test_a_failed_checkpoint_write_names_the_path_and_keeps_the_last(tmp_path, m
 
 
 def test_explain_says_what_to_do():
-    full = files.explain(OSError(errno.ENOSPC, "No space left on device", "/tmp/x/y"))
-    assert full.startswith("/tmp/x/y: No space left on device") and "disk is full" in full
-    denied = files.explain(PermissionError(errno.EACCES, "Permission denied", "/nope/run"))
+    full = files.explain(OSError(errno.ENOSPC, "No space left on device", "runs/demo/run.json"))
+    assert full.startswith("runs/demo/run.json: No space left on device") and "disk is full" in full
+    denied = files.explain(PermissionError(errno.EACCES, "Permission denied", "nope/run"))
     assert "not writable" in denied
     read_only = files.explain(OSError(errno.EROFS, "Read-only file system", "/"))
     assert "not writable" in read_only and "full" not in read_only

@@ -27,12 +27,7 @@ SMALL = ["--model", "tiny", "--precision", "fp32", "--max-samples", "64", "--max
 LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def quantized_tiny(mode: str):

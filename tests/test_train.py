@@ -27,14 +27,7 @@ SMALL = ["--model", "tiny", "--precision", "fp32", "--max-samples", "64", "--max
          "--max-target-length", "48", "--logging-steps", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # One thread: the same numbers in-process and in the subprocess runs (OMP_NUM_THREADS=1), and no
-    # oversubscription when the two torchrun ranks share the machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_train(*args):

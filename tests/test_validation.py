@@ -25,12 +25,7 @@ SMALL = ["--model", "tiny", "--precision", "fp32", "--max-samples", "64", "--max
          "--max-target-length", "48", "--logging-steps", "1", "--method", "lora", "--batch-size", "4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same numbers in-process and in the torchrun ranks (OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_train(*args):
