@@ -1,11 +1,11 @@
 """Evaluate runs as the study did, and print the comparison table.
 
-    python evaluate.py [--model PATH|tiny] [--checkpoint RUN] [--dataset roleplay_all_test,alpaca_gpt4_zh]
+    python evaluate.py [--model PATH|tiny] [--run RUN] [--dataset roleplay_all_test,alpaca_gpt4_zh]
     python evaluate.py ... --seeds 42,1,2            # sampled once per seed, and the summary over the seeds
     torchrun --nproc_per_node N evaluate.py ...      # samples split across ranks, same scores as 1 process
     python evaluate.py --runs runs [--model PATH]    # the table of every run (evaluating missing ones with --model)
     python evaluate.py --from-predictions FILE       # recompute metrics.json from generated_predictions.jsonl
-    python evaluate.py --chat --model PATH [--checkpoint RUN] [--quantize int4]   # int8/int4 frozen weights
+    python evaluate.py --chat --model PATH [--run RUN] [--quantize int4]   # int8/int4 frozen weights
 
 Generation follows the study: sampling with top_p 0.7, temperature 0.95, at most 768 tokens of prompt plus
 answer. Each sample draws from its own generator seeded by (--seed, sample index), and the batches are
@@ -14,15 +14,13 @@ Finished batches are appended to a partial file; an interrupted evaluation resum
 
 Per set, OUTPUT_DIR/<set>/ gets generated_predictions.jsonl, scores.jsonl (each sample's BLEU-4 / ROUGE and the
 NLL of its reference answer) and metrics.json: the study's means, each with its 95% bootstrap interval over samples
-(stats.py), the teacher-forced NLL of the reference answers and its perplexity (forgetting measured without
+(study/stats.py), the teacher-forced NLL of the reference answers and its perplexity (forgetting measured without
 sampling: a forward pass over the training encoding of prompt + answer, --max-source-length and
 --max-target-length as train.py truncates), empty answers, answer lengths and generation speed.
 """
 import argparse
-import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -31,22 +29,27 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from adapters import METHODS, base_model_id, load_adapter
-from data import IGNORE, add_data_args, build_eval_samples, build_prompt, collate_train, encode_train
+from data import DataSettings, add_data_args, build_eval_samples, build_prompt, collate_train, encode_train
 from data.registry import reserved_in
-from files import explain, read_jsonl, write_json, write_text
-from metrics import DEFINITION, METRICS, NLL_DEFINITION, prediction_stats, sample_scores, score_stats, versions
-from model import ATTENTION_KERNELS, generate_ids, linear_cross_entropy, load_model, load_tokenizer, sample_seed
+from model.chatglm import ATTENTION_KERNELS
+from model.generate import generate_ids, sample_seed
+from model.loader import load_model
+from model.loss import IGNORE, linear_cross_entropy, next_token_targets
 from model.quant import MODES as QUANT_MODES, quantize_model
-from results import read_runs, write_results
-from fingerprint import adapter_sha256, code_fingerprint, data_fingerprint, git_commit, short_hash
-from flags import COUNT, POSITIVE, PROBABILITY, number
-from runtime import DTYPES, MODEL_HELP, init_distributed, resolve_model, say_once
+from model.tokenizer import load_tokenizer
+from runtime.files import append_jsonl, digest, explain, read_jsonl, write_json, write_jsonl
+from runtime.flags import COUNT, POSITIVE, PROBABILITY, from_flags, number
+from runtime.precision import DTYPES, add_precision_arg, precision
+from runtime.process import gather, init_distributed, say_once
+from study.fingerprint import adapter_sha256, code_fingerprint, data_fingerprint, git_commit
+from study.grid import EVAL_SAMPLES, EVAL_SETS, MODEL_HELP, resolve_model
+from study.metrics import DEFINITION, METRICS, NLL_DEFINITION, prediction_stats, sample_scores, score_stats, versions
+from study.results import read_runs, write_results
+from study.rundir import EVAL, METRICS as METRICS_FILE, PREDICTIONS, SCORES, partial_predictions
 
-EVAL_SETS = "roleplay_all_test,alpaca_gpt4_zh"
 # The NLL pass's batches: at most --batch-size samples and this many tokens with padding. Prompt + reference answer
 # spread wider in length than prompts alone: smaller batches waste less on padding (the demo's role-play set on CPU:
 # one batch of 100 samples took twice as long), and 1024 tokens still fill most of a GPU's matmuls at the 6B width.
@@ -64,15 +67,42 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
-def parse_args(argv=None):
+@dataclass(frozen=True)
+class Loading:
+    """Which model, with which run's adapter, loaded how."""
+    model: str | None  # a model directory or preset; None: the table alone needs no model
+    run: str | None  # a run directory (train.py --output-dir) or an adapter directory; None: the base model
+    precision: str | None  # None: the default for the device (runtime/precision.py)
+    quantize: str = "none"
+    force: bool = False  # apply an adapter trained on other base weights
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything evaluate.py is given, typed; one of the modes: evaluate (the default), runs, from_predictions,
+    chat."""
+    load: Loading
+    data: DataSettings
+    gen: "GenerationSettings"
+    seeds: list[int]  # the sets are sampled once per seed; one seed: --seed
+    output_dir: str | None
+    timeout_minutes: float
+    runs: str | None
+    bold_top: int
+    from_predictions: str | None
+    chat: bool
+
+
+def parse_args(argv=None) -> Settings:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--checkpoint",
-                   help="run directory with adapter.json (train.py --output-dir); omit for the base model")
+    p.add_argument("--run", "--checkpoint", dest="run",
+                   help="a run directory (train.py --output-dir, with adapter.json) or an adapter directory; omit "
+                        "for the base model (--checkpoint: the same, its former name)")
     p.add_argument("--output-dir", help="where <dataset>/generated_predictions.jsonl and metrics.json go "
-                                        "(default: CHECKPOINT/eval, or eval/ for the base model)")
+                                        "(default: RUN/eval, or eval/ for the base model)")
     add_data_args(p)
-    p.set_defaults(dataset=EVAL_SETS, max_samples=100)
+    p.set_defaults(dataset=",".join(EVAL_SETS), max_samples=EVAL_SAMPLES)
     g = p.add_argument_group("generation (defaults: the study's)")
     g.add_argument("--max-length", type=number(int, low=3), default=768, help="prompt + answer tokens at most")
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
@@ -83,7 +113,7 @@ def parse_args(argv=None):
                    help="comma-separated, e.g. 42,1,2: sample every set once per seed (OUTPUT_DIR/seed-S/<set>/), "
                         "the summary in OUTPUT_DIR/<set>/ (mean and sd over seeds, pooled interval); replaces --seed")
     g.add_argument("--batch-size", type=COUNT, default=32, help="prompts per batch per process")
-    g.add_argument("--precision", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    add_precision_arg(g, "the model's weights and compute")
     g.add_argument("--quantize", choices=QUANT_MODES, default="none",
                    help="the blocks' Linear weights stored int8 (per output channel) or int4 (groups of 128) and "
                         "dequantized at each matmul; LoRA then stays unmerged beside them")
@@ -105,30 +135,33 @@ def parse_args(argv=None):
         args.model, note = resolve_model(args.model)
         if note and not args.from_predictions:
             say_once(note)
-    return args
+    return Settings(load=from_flags(Loading, args), data=from_flags(DataSettings, args),
+                    gen=GenerationSettings.from_args(args), seeds=args.seeds or [args.seed],
+                    output_dir=args.output_dir, timeout_minutes=args.timeout_minutes, runs=args.runs,
+                    bold_top=args.bold_top, from_predictions=args.from_predictions, chat=args.chat)
 
 
 # ----------------------------------------------------------------------------- model
-def load_for_inference(model_path: str, checkpoint, precision, device, force: bool = False, quantize: str = "none"):
-    """Base model (+ adapter, merged where its method can) in the inference dtype, its blocks' Linears quantized
-    by `quantize` -> (model, identity)."""
-    dtype = DTYPES[precision or ("bf16" if device.type == "cuda" else "fp32")]
+def load_for_inference(load: Loading, device):
+    """The base model (+ the run's adapter, merged where its method can) in the inference dtype, its blocks'
+    Linears quantized by --quantize -> (model, identity)."""
+    model_path, run, quantize = load.model, load.run, load.quantize
+    dtype = DTYPES[precision(load.precision, device.type)]
     # Quantizing, the base is loaded on the CPU and goes to the device layer by layer: never whole in float there.
     model = load_model(model_path, dtype=dtype, device=device if quantize == "none" else "cpu").requires_grad_(False)
     identity = {"model": {"path": str(model_path), "base_model_id": base_model_id(model.config),
                           "dtype": str(dtype).removeprefix("torch."),
-                          **({"quantize": quantize} if quantize != "none" else {})}, "checkpoint": None}
-    if checkpoint is not None:
-        spec = load_adapter(model, checkpoint, force)  # checked on the float weights: made for another base?
+                          **({"quantize": quantize} if quantize != "none" else {})}, "adapter": None}
+    if run is not None:
+        spec = load_adapter(model, run, load.force)  # checked on the float weights: made for another base?
         if quantize != "none" and spec.method == "full":
-            raise ValueError(f"{checkpoint}: --quantize {quantize} quantizes the weights an adapter leaves frozen, and "
+            raise ValueError(f"{run}: --quantize {quantize} quantizes the weights an adapter leaves frozen, and "
                              "full fine-tuning trained them all; export it (python -m adapters --model BASE "
-                             "--checkpoint RUN --output DIR) and evaluate --model DIR --quantize " + quantize)
+                             "--adapter RUN --output DIR) and evaluate --model DIR --quantize " + quantize)
         merge = METHODS[spec.method].merge
         if merge is not None and quantize == "none":  # LoRA cannot merge into quantized weights: it stays beside
             merge(model)  # LoRA: one matmul per projection again, generation runs at base-model speed
-        identity["checkpoint"] = {"path": str(checkpoint), "adapter": spec.to_dict(),
-                                  "sha256": adapter_sha256(checkpoint)}
+        identity["adapter"] = {"path": str(run), "settings": spec.to_dict(), "sha256": adapter_sha256(run)}
     quantize_model(model, quantize, device)  # the frozen ones: Freeze's trained layers stay float, as in training
     model.to(device).eval()
     return model, identity
@@ -193,15 +226,6 @@ def length_sorted_batches(samples: list[dict], batch_size: int, max_tokens: floa
     return batches
 
 
-def gather(part, rank: int, world: int) -> list | None:
-    """Every rank's `part` on rank 0, in rank order; None on the other ranks."""
-    if world == 1:
-        return [part]
-    gathered = [None] * world if rank == 0 else None
-    dist.gather_object(part, gathered, dst=0)
-    return gathered
-
-
 def evaluate_dataset(model, tokenizer, identity: dict, name: str, samples: list[dict], out_dir: Path,
                      gen: GenerationSettings, selection: dict, nll: dict | None, rank: int, world: int) -> dict | None:
     """Generate (resuming), gather on rank 0, write predictions + scores + metrics. Returns the metrics on rank 0.
@@ -212,15 +236,13 @@ def evaluate_dataset(model, tokenizer, identity: dict, name: str, samples: list[
     out_dir.mkdir(parents=True, exist_ok=True)
     # partial predictions are reused only under the same model, data and settings (not batch size or world
     # size: predictions do not depend on them)
-    key = hashlib.sha1(json.dumps([identity, name, selection["dataset_dir"], selection["max_samples"],
-                                   gen.record()], sort_keys=True).encode()).hexdigest()[:12]
+    key = digest([identity, name, selection["dataset_dir"], selection["max_samples"], gen.record()])
     done = resumed_predictions(out_dir, key, rank)
     todo = [s for s in samples if s["index"] not in skipped(done, world)]
     if rank == 0 and done:
         print(f"{name}: resuming, {len(done)} of {len(samples)} predictions already written")
     batches = length_sorted_batches(todo, gen.batch_size)[rank::world]
-    new = generate_appending(out_dir / f"generated_predictions.partial-{key}.rank{rank}.jsonl", batches, model,
-                             tokenizer, gen, name, rank)
+    new = generate_appending(out_dir / partial_predictions(key, rank), batches, model, tokenizer, gen, name, rank)
     gathered = gather(new, rank, world)
     metrics = None
     if rank == 0:
@@ -234,7 +256,7 @@ def evaluate_dataset(model, tokenizer, identity: dict, name: str, samples: list[
         records = [done[s["index"]] for s in samples]  # input order
         settings = {**gen.record(), "batch_size": gen.batch_size, "world_size": world}
         metrics = finalize(records, out_dir, name, identity, settings, selection, nll, timing, time.time() - start)
-        for f in out_dir.glob("generated_predictions.partial-*.jsonl"):
+        for f in out_dir.glob(partial_predictions("*", "*")):
             f.unlink()
     if world > 1:
         dist.barrier()
@@ -245,8 +267,7 @@ def resumed_predictions(out_dir: Path, key: str, rank: int) -> dict[int, dict]:
     """Rank 0: the records of an interrupted evaluation with the same key, by sample index; other ranks: {}."""
     if rank != 0:
         return {}
-    return {r["index"]: r for f in sorted(out_dir.glob(f"generated_predictions.partial-{key}.rank*.jsonl"))
-            for r in read_jsonl(f)}
+    return {r["index"]: r for f in sorted(out_dir.glob(partial_predictions(key, "*"))) for r in read_jsonl(f)}
 
 
 def skipped(done: dict, world: int) -> set[int]:
@@ -261,17 +282,10 @@ def generate_appending(path: Path, batches: list[list[dict]], model, tokenizer, 
                        name: str, rank: int) -> list[dict]:
     """Generate batch after batch, appending each batch's records to `path` as it finishes. -> the records."""
     new = []
-    with open(path, "a+", encoding="utf-8") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() > 0:  # after a crash mid-line, start the next record on a line of its own
-            f.seek(f.tell() - 1)
-            if f.read(1) != "\n":
-                f.write("\n")
-        for batch in tqdm(batches, desc=name, unit="batch", disable=rank != 0):
-            records = generate_batch(model, tokenizer, batch, gen)
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            f.flush()
-            new.extend(records)
+    for batch in tqdm(batches, desc=name, unit="batch", disable=rank != 0):
+        records = generate_batch(model, tokenizer, batch, gen)
+        append_jsonl(path, records)
+        new.extend(records)
     return new
 
 
@@ -305,9 +319,8 @@ def sample_nll(model, batch: dict, device) -> list[tuple[float, int]]:
     """A training batch (data.collate_train) -> per sample (mean NLL of its label tokens, their count): the
     training loss (model.token_loss_sum, the same targets) split by sample; one forward for the whole batch,
     then the fused output layer + loss (model.linear_cross_entropy) row by row."""
-    input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)  # (B, T)
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T): the id position t must predict
-    h = model.transformer(input_ids, batch["attention_mask"].to(device))  # (B, T, H)
+    targets = next_token_targets(batch["labels"].to(device))  # (B, T)
+    h = model.transformer(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, T, H)
     sums = torch.stack([linear_cross_entropy(h[i], model.lm_head.weight, targets[i]) for i in range(len(h))])
     counts = (targets != IGNORE).sum(dim=1)  # (B,)
     return [(s / n, n) for s, n in zip(sums.tolist(), counts.tolist())]
@@ -317,10 +330,9 @@ def sample_nll(model, batch: dict, device) -> list[tuple[float, int]]:
 def finalize(records: list[dict], out_dir: Path, name: str, identity: dict, settings: dict, selection: dict,
              nll: dict | None, timing: dict, runtime_s: float) -> dict:
     """generated_predictions.jsonl, scores.jsonl (per sample) and metrics.json of one set."""
-    write_text(out_dir / "generated_predictions.jsonl",
-               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_jsonl(out_dir / PREDICTIONS, records)
     metrics, rows = metrics_record(records, name, nll and nll["per_sample"])
-    write_text(out_dir / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(out_dir / SCORES, rows)
     commit, dirty = git_commit()
     lengths = {k: nll[k] for k in ("max_source_length", "max_target_length")} if nll else None
     metrics.update(generation=settings, **selection, runtime_s=round(runtime_s, 2),
@@ -329,7 +341,7 @@ def finalize(records: list[dict], out_dir: Path, name: str, identity: dict, sett
                    reference_nll=nll and {k: v for k, v in nll.items() if k != "per_sample"}, **identity,
                    fingerprint=fingerprints(identity, name, selection, settings, lengths), git_commit=commit,
                    git_dirty=dirty)
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / METRICS_FILE, metrics)
     print(f"{name}: {summary_line(metrics)} ({metrics['n_samples']} samples, {metrics['n_length_capped']} hit the "
           f"length cap, {metrics['n_empty']} empty) -> {out_dir}")
     return metrics
@@ -352,11 +364,11 @@ def tokens_per_s(tokens: int, seconds: float) -> float | None:
 
 def fingerprints(identity: dict, name: str, selection: dict, generation: dict, nll_lengths: dict | None) -> dict:
     """What these scores depend on (fingerprint.py); results.py and launch.sh compare "code" with the checkout's."""
-    checkpoint = identity["checkpoint"]
+    adapter = identity["adapter"]
     decisive = {k: v for k, v in generation.items() if k not in ("batch_size", "world_size")}
     return {"code": code_fingerprint(), "data": data_fingerprint(selection["dataset_dir"], [name]),
-            "adapter": short_hash(checkpoint["sha256"]) if checkpoint else None,
-            "settings": short_hash({**decisive, **selection, "model": identity["model"], "nll": nll_lengths})}
+            "adapter": digest(adapter["sha256"]) if adapter else None,
+            "settings": digest({**decisive, **selection, "model": identity["model"], "nll": nll_lengths})}
 
 
 def metrics_record(records: list[dict], name: str, nll: dict | None) -> tuple[dict, list[dict]]:
@@ -372,20 +384,19 @@ def metrics_record(records: list[dict], name: str, nll: dict | None) -> tuple[di
     return metrics, rows
 
 
-def evaluate_run(args, gen: GenerationSettings, checkpoint, out_dir: Path, datasets: list[str], rank: int,
-                 world: int, device) -> dict:
+def evaluate_run(load: Loading, data: DataSettings, gen: GenerationSettings, seeds: list[int], out_dir: Path,
+                 datasets: list[str], rank: int, world: int, device) -> dict:
     """Every input is checked (datasets read, model and adapter loaded) before the first token is generated.
-    With --seeds: every set once per seed in out_dir/seed-S/<set>/, their summary in out_dir/<set>/."""
-    tokenizer = load_tokenizer(args.model)
-    all_samples = {name: build_eval_samples(tokenizer, name, args.dataset_dir, args.max_samples,
-                                            gen.max_source_length, gen.source_prefix, args.skip_bad_records)
+    With several seeds: every set once per seed in out_dir/seed-S/<set>/, their summary in out_dir/<set>/."""
+    tokenizer = load_tokenizer(load.model)
+    all_samples = {name: build_eval_samples(tokenizer, name, data.dataset_dir, data.max_samples,
+                                            gen.max_source_length, gen.source_prefix, data.skip_bad_records)
                    for name in datasets}
-    model, identity = load_for_inference(args.model, checkpoint, args.precision, device, args.force, args.quantize)
-    selection = {"dataset_dir": str(args.dataset_dir), "max_samples": args.max_samples}
-    seeds = args.seeds or [gen.seed]
+    model, identity = load_for_inference(load, device)
+    selection = {"dataset_dir": str(data.dataset_dir), "max_samples": data.max_samples}
     out = {}
     for name, samples in all_samples.items():
-        nll = reference_nll(model, tokenizer, samples, gen, args.max_target_length, rank, world, device)
+        nll = reference_nll(model, tokenizer, samples, gen, data.max_target_length, rank, world, device)
         if len(seeds) == 1:
             out[name] = evaluate_dataset(model, tokenizer, identity, name, samples, out_dir / name,
                                          replace(gen, seed=seeds[0]), selection, nll, rank, world)
@@ -403,8 +414,8 @@ def summarize_seeds(out_dir: Path, per_seed: dict[int, dict], dirs: dict[int, Pa
     of those averages), "seeds" holds each seed's means and their mean and sd; counts and lengths are over all
     predictions. The other fields are the first seed's."""
     seeds = list(per_seed)
-    rows = {s: read_jsonl(d / "scores.jsonl") for s, d in dirs.items()}
-    records = [r for d in dirs.values() for r in read_jsonl(d / "generated_predictions.jsonl")]
+    rows = {s: read_jsonl(d / SCORES) for s, d in dirs.items()}
+    records = [r for d in dirs.values() for r in read_jsonl(d / PREDICTIONS)]
     pooled = [{**row, **{k: float(np.mean([rows[s][i][k] for s in seeds])) for k in METRICS}}
               for i, row in enumerate(rows[seeds[0]])]  # every seed scored the same samples in the same order
     first = per_seed[seeds[0]]
@@ -419,8 +430,8 @@ def summarize_seeds(out_dir: Path, per_seed: dict[int, dict], dirs: dict[int, Pa
         summary[k] = round(sum(per_seed[s][k] for s in seeds), 2)
     summary["generation_tokens_per_s"] = tokens_per_s(summary["generated_tokens"], summary["generation_s"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in pooled))
-    write_json(out_dir / "metrics.json", summary)
+    write_jsonl(out_dir / SCORES, pooled)
+    write_json(out_dir / METRICS_FILE, summary)
     print(f"{first['dataset']} over seeds {','.join(map(str, seeds))}: " + "  ".join(
         f"{k} {summary['seeds']['mean'][k]:.2f} ±{summary['seeds']['sd'][k]:.2f} sd" for k in METRICS) +
           f"; pooled: {summary_line(summary)} -> {out_dir}")
@@ -434,38 +445,40 @@ def recompute(predictions: Path) -> dict:
     if not records:
         raise ValueError(f"{predictions}: no prediction records (expected generated_predictions.jsonl lines with "
                          "'predict' and 'label')")
-    path, scores = predictions.parent / "metrics.json", predictions.parent / "scores.jsonl"
+    path, scores = predictions.parent / METRICS_FILE, predictions.parent / SCORES
     old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     nll = {r["index"]: (r["nll"], r["target_tokens"]) for r in read_jsonl(scores) if "nll" in r} \
         if scores.is_file() else {}
     new, rows = metrics_record(records, old.get("dataset", predictions.parent.name),
                                nll if all(r["index"] in nll for r in records) else None)
     metrics = {**old, **new}
-    write_text(scores, "".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(scores, rows)
     write_json(path, metrics)
     print(json.dumps({k: metrics[k] for k in (*METRICS, "nll", "n_samples", "n_length_capped", "n_empty")}))
     return metrics
 
 
 # ----------------------------------------------------------------------------- the table of runs
-def table(args, gen: GenerationSettings, rank: int, world: int, device) -> str:
-    runs_dir = Path(args.runs or "runs")
+def table(s: Settings, rank: int, world: int, device) -> str:
+    """The comparison table of every run under --runs; with --model, runs missing a set are evaluated first."""
+    runs_dir = Path(s.runs or "runs")
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"{runs_dir}: no runs directory; run launch.sh first or pass --runs DIR")
-    datasets = args.dataset.split(",")
+    datasets = s.data.names
     runs = read_runs(runs_dir, datasets)
     if not runs:
         raise FileNotFoundError(f"{runs_dir}: no */run.json; launch.sh writes one per run")
     missing = [(run, [n for n in datasets if run["metrics"][n] is None]) for run in runs]
     missing = [(run, names) for run, names in missing if names]
-    if args.model is not None and missing:
+    if s.load.model is not None and missing:
         for run, names in missing:
-            checkpoint = None if run.get("method", "none") == "none" else run["dir"]  # id 0: the base model
-            evaluate_run(args, gen, checkpoint, run["dir"] / "eval", names, rank, world, device)
+            adapter = None if run.get("method", "none") == "none" else str(run["dir"])  # id 0: the base model
+            evaluate_run(replace(s.load, run=adapter), s.data, s.gen, s.seeds, run["dir"] / EVAL, names, rank,
+                         world, device)
         runs, missing = read_runs(runs_dir, datasets), []
     if rank != 0:
         return ""
-    text = write_results(runs_dir, runs, datasets, args.bold_top)
+    text = write_results(runs_dir, runs, datasets, s.bold_top)
     print(text, end="")
     for run, names in missing:
         print(f"missing: run {run['id']} ({run['dir']}) has no metrics for {', '.join(names)}; "
@@ -528,9 +541,9 @@ def read_query() -> str | None:
         return None
 
 
-def chat(args, gen: GenerationSettings, device):
-    tokenizer = load_tokenizer(args.model)
-    model, _ = load_for_inference(args.model, args.checkpoint, args.precision, device, args.force, args.quantize)
+def chat(load: Loading, gen: GenerationSettings, device):
+    tokenizer = load_tokenizer(load.model)
+    model, _ = load_for_inference(load, device)
     model.transformer.attention = gen.attention
     # The special pieces the decode rule keeps as text ([gMASK], [sMASK], <unused_0>, <ENC>, <dBLOCK>) would
     # show on the screen and, re-encoded from the history, break the next prompt: chat never generates them.
@@ -569,23 +582,22 @@ def chat(args, gen: GenerationSettings, device):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    gen = GenerationSettings.from_args(args)
-    rank, world, device = init_distributed(args.timeout_minutes)
+    s = parse_args(argv)
+    rank, world, device = init_distributed(s.timeout_minutes)
     try:
-        if args.from_predictions:
-            recompute(Path(args.from_predictions))
-        elif args.chat:
+        if s.from_predictions:
+            recompute(Path(s.from_predictions))
+        elif s.chat:
             try:
-                chat(args, gen, device)
+                chat(s.load, s.gen, device)
             except KeyboardInterrupt:  # Ctrl-C outside the prompt and the answers (e.g. while loading): quit quietly
                 print(file=sys.stderr)
                 sys.exit(130)
-        elif args.runs is not None:
-            table(args, gen, rank, world, device)
+        elif s.runs is not None:
+            table(s, rank, world, device)
         else:
-            out_dir = Path(args.output_dir or (Path(args.checkpoint) / "eval" if args.checkpoint else "eval"))
-            evaluate_run(args, gen, args.checkpoint, out_dir, args.dataset.split(","), rank, world, device)
+            out_dir = Path(s.output_dir or (Path(s.load.run) / EVAL if s.load.run else EVAL))
+            evaluate_run(s.load, s.data, s.gen, s.seeds, out_dir, s.data.names, rank, world, device)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message says what and where, no traceback
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)

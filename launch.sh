@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The study's grid (../shared/docs/experiment.md): id 0 = the base model, ids 1-22 = method x target x
-# layers x auxiliary set; each run is trained, then evaluated on the role-play test split and on
-# alpaca-gpt4-zh (100 samples each); then the comparison table is printed.
+# The study's grid (../shared/docs/experiment.md, study/grid.py): id 0 = the base model, ids 1-22 = method x
+# target x layers x auxiliary set; each run is trained, then evaluated on the role-play test split and on
+# alpaca-gpt4-zh (100 samples each); then the comparison table is printed. This script keeps the lanes, the
+# lock, the progress and Ctrl-C; `python -m study` gives it the runs, their commands and what each still needs.
 #
 #   bash launch.sh                 # every id; finished runs are skipped, interrupted ones resumed
 #   bash launch.sh 14 17           # chosen ids
-#   bash launch.sh --rerun-stale   # also redo runs finished by other code (python -m fingerprint RUN_DIR says which)
+#   bash launch.sh --rerun-stale   # also redo runs finished by other code
 #   bash launch.sh --dry-run [ids] # print every chosen run's commands, run nothing (needs no torch)
 #
 # Ctrl-C stops every run; the same command resumes them from their checkpoints (saved every 2 minutes of
@@ -29,11 +30,9 @@
 #   TRAIN_EXTRA, EVAL_EXTRA  arguments appended to every train.py (the demo's base model too) / evaluate.py
 #             command, for quick trials: TRAIN_EXTRA="--max-steps 5" EVAL_EXTRA="--max-samples 4"
 #   PY        the Python to run with (default: the .venv/ that scripts/env.sh builds; for --dry-run, which
-#             only reads MODEL/config.json with it: python3)
+#             needs no torch: python3)
 set -euo pipefail
 cd "$(dirname "$0")"
-
-fail() { echo "launch.sh: $*" >&2; exit 2; }
 
 HOLDER="pid $$, since $(date '+%F %T'): ${MODEL:+MODEL=$MODEL }bash $0 $*"  # for a second launcher's refusal
 DRY=0
@@ -43,125 +42,35 @@ for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
         --rerun-stale) RERUN=--rerun-stale ;;
-        ''|*[!0-9]*) fail "unknown argument '$arg' (ids are 0-22; --dry-run, --rerun-stale)" ;;
-        *) [ "$((10#$arg))" -le 22 ] || fail "no run id $arg (ids are 0-22)"; IDS+=("$((10#$arg))") ;;
+        *) IDS+=("$arg") ;;  # python -m study checks them
     esac
 done
-
-RUNS="${RUNS:-runs}"
-SEEDS="${SEEDS:-1}"
-case "$SEEDS" in ''|*[!0-9]*|0) fail "SEEDS=$SEEDS: expected a number of seeds, at least 1" ;; esac
 GPUS=$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | wc -l || echo 0)
-NPROC="${NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 1)}"
-EVAL_SETS="roleplay_all_test,alpaca_gpt4_zh"
+export NPROC="${NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 1)}"
 
-#   id method  target layers aux   (layers: last3 = the last three layers, 25-27 on ChatGLM-6B)
-GRID="
-0  base    -   -      no
-1  freeze  mlp last3  no
-2  freeze  mlp last3  yes
-3  freeze  mlp first3 no
-4  freeze  mlp first3 yes
-5  freeze  qkv last3  no
-6  freeze  qkv last3  yes
-7  freeze  qkv first3 no
-8  freeze  qkv first3 yes
-9  ptuning -   -      no
-10 ptuning -   -      yes
-11 lora    mlp last3  no
-12 lora    mlp last3  yes
-13 lora    mlp first3 no
-14 lora    mlp first3 yes
-15 lora    mlp all    no
-16 lora    mlp all    yes
-17 lora    qkv last3  no
-18 lora    qkv last3  yes
-19 lora    qkv first3 no
-20 lora    qkv first3 yes
-21 lora    qkv all    no
-22 lora    qkv all    yes
-"
-
-if [ -n "${MODEL:-}" ]; then
-    DEMO=0
-    [ -d "$MODEL" ] || fail "MODEL=$MODEL: no such directory (expected a ChatGLM-6B checkpoint directory)"
-    [ -f "$MODEL/config.json" ] \
-        || fail "MODEL=$MODEL: no config.json in it (expected a ChatGLM-6B checkpoint directory)"
-    # json only, no torch: the dry run needs nothing but a Python
-    DEPTH=$("${PY:-python3}" -c 'import json, sys; print(int(json.load(open(sys.argv[1]))["num_layers"]))' \
-        "$MODEL/config.json" 2>/dev/null) || fail "$MODEL/config.json: no num_layers (expected a ChatGLM config)"
-    DATA_DIR="${DATA_DIR:-$([ -d ../shared/data ] && echo ../shared/data || echo data/demo)}"
-    PARALLEL="${PARALLEL:-1}"
-    # The study's settings are train.py's defaults (lr 1e-5, 10 epochs, cosine, batch 8, bf16); 200 training
-    # records are held out for a validation loss every 500 steps (trainer_log.jsonl, train_results.json).
-    TRAIN_ARGS="--save-minutes 30 --val-size 200 --eval-steps 500"
-    EVAL_ARGS=""
-else
-    DEMO=1
-    DEPTH=6  # model/chatglm.py PRESETS["tiny"]["num_layers"] (tests/test_launch.py checks it)
-    MODEL="$RUNS/base-model"
-    DATA_DIR="${DATA_DIR:-data/demo}"
-    PARALLEL="${PARALLEL:-2}"
-    # The tiny model learns in minutes only with larger steps than the 6B study's 1e-5. A validation loss on
-    # 100 held-out training records every 50 of the ~240 steps.
-    TRAIN_ARGS="--lr 2e-3 --epochs 2 --batch-size 16 --precision fp32 --logging-steps 20 --save-steps 0
-        --save-minutes 2 --val-size 100 --eval-steps 50"
-    EVAL_ARGS="--batch-size 100 --precision fp32"
-    BASE_TRAIN="--model tiny --method full --dataset alpaca_gpt4_zh,chat_aux_zh --dataset-dir $DATA_DIR
-        --lr 3e-3 --epochs 12 --batch-size 16 --precision fp32 --warmup-steps 50 --logging-steps 50 --save-steps 0
-        --save-minutes 2 --output-dir $RUNS/base-train ${TRAIN_EXTRA:-}"
+if [ "$DRY" = 1 ]; then
+    export PY="${PY:-python3}"
+    exec "$PY" -m study commands "${IDS[@]}"
 fi
-TRAIN_ARGS=$(echo $TRAIN_ARGS ${TRAIN_EXTRA:-})
-EVAL_ARGS=$(echo $EVAL_ARGS ${EVAL_EXTRA:-})
 
-launcher() {  # $1 = number of processes
-    if [ "$1" -gt 1 ]; then echo "$PY -m torch.distributed.run --nproc_per_node $1"; else echo "$PY"; fi
-}
+"${PY:-python3}" -m study plan "${IDS[@]}" >/dev/null || exit 2  # bad ids or settings: one line, before anything
+[ -n "${PY:-}" ] || source scripts/env.sh
+export PY
+PLAN=$("$PY" -m study plan "${IDS[@]}")
+field() { awk -F'\t' -v k="$1" '$1 == k {print $2}' <<<"$PLAN"; }
+RUNS=$(field runs)
+PARALLEL=$(field lanes)
+N=$(grep -c $'^run\t' <<<"$PLAN")
 
-layers_of() {  # grid name -> explicit layer range for this model's depth
-    case "$1" in
-        last3) echo "$((DEPTH - 3))-$((DEPTH - 1))" ;;
-        first3) echo "0-2" ;;
-        all) echo "0-$((DEPTH - 1))" ;;
-        -) echo "-" ;;
-    esac
-}
-
-# run_commands ID METHOD TARGET LAYERS AUX SEED -> sets NAME, DIR, TRAIN_CMD, EVAL_CMD
-run_commands() {
-    local id=$1 method=$2 target=$3 layers=$4 aux=$5 seed=$6 data="roleplay_all_train" extra=""
-    NAME="$id-$method"
-    [ "$target" != - ] && NAME="$NAME-$target-$layers"
-    [ "$aux" = yes ] && NAME="$NAME-aux" && data="roleplay_all_train,chat_aux_zh" && extra=" --max-samples 10000"
-    [ "$seed" != 42 ] && NAME="$NAME-seed$seed" && extra="$extra --seed $seed"  # 42: train.py's default
-    DIR="$RUNS/$NAME"
-    local run; run=$(launcher "$NPROC")
-    TRAIN_CMD=""
-    if [ "$method" != base ]; then
-        TRAIN_CMD="$run train.py --model $MODEL --method $method"
-        [ "$target" != - ] && TRAIN_CMD="$TRAIN_CMD --target $target --layers $layers"
-        TRAIN_CMD="$TRAIN_CMD --dataset $data --dataset-dir $DATA_DIR$extra --output-dir $DIR"
-        TRAIN_CMD="$TRAIN_CMD${TRAIN_ARGS:+ $TRAIN_ARGS}"
-    fi
-    EVAL_CMD="$run evaluate.py --model $MODEL$([ "$method" != base ] && echo " --checkpoint $DIR")"
-    EVAL_CMD="$EVAL_CMD --dataset $EVAL_SETS --dataset-dir $DATA_DIR --max-samples 100 --output-dir $DIR/eval"
-    [ "$seed" != 42 ] && EVAL_CMD="$EVAL_CMD --seed $seed"
-    EVAL_CMD="$EVAL_CMD${EVAL_ARGS:+ $EVAL_ARGS}"
-}
-
-write_run_json() {  # DIR ID METHOD TARGET LAYERS AUX SEED TRAIN_CMD EVAL_CMD
-    mkdir -p "$1"
-    $PY - "$@" <<'EOF'
-import json, sys
-d, i, method, target, layers, aux, seed, train_cmd, eval_cmd = sys.argv[1:]
-run = {"id": int(i), "name": d.rstrip("/").split("/")[-1], "method": method if method != "base" else "none",
-       "target": target, "layers": layers, "aux": aux == "yes", "seed": int(seed),
-       "commands": [c for c in (train_cmd, eval_cmd) if c]}
-with open(f"{d}/run.json", "w", encoding="utf-8") as f:
-    json.dump(run, f, indent=2)
-    f.write("\n")
-EOF
-}
+# One launcher per RUNS. The lock is held as long as this shell or any run it started lives.
+mkdir -p "$RUNS"
+exec 9>>"$RUNS/launch.lock"
+flock -n 9 || { echo "launch.sh: $RUNS is in use by another launcher ($(cat "$RUNS/launch.holder" 2>/dev/null));" \
+    "wait for it or stop it" >&2; exit 1; }
+echo "$HOLDER" >"$RUNS/launch.holder"
+PROGRESS="$RUNS/launch.progress"
+: >"$PROGRESS"
+START=$(date +%s)
 
 header() {  # LOG COMMAND...: the line that starts an attempt in LOG (logs are appended, never replaced)
     local log=$1; shift
@@ -191,82 +100,43 @@ report() {  # NAME SECONDS|- MESSAGE...: the progress line of a finished row ("-
     echo "[launch] run $k/$N $1: ${*:3} (elapsed $(hms $(($(date +%s) - START)))$eta)"
 }
 
-# one run, as its fingerprint says: train (resuming) and evaluate, evaluate again, or skip; $1 = grid row
-do_run() {
-    read -r id method target grid_layers aux seed <<<"$1"
-    run_commands "$id" "$method" "$target" "$(layers_of "$grid_layers")" "$aux" "$seed"
-    if [ "$DRY" = 1 ]; then
-        echo "# $id: $NAME"
-        [ -n "$TRAIN_CMD" ] && echo "$TRAIN_CMD"
-        echo "$EVAL_CMD"
-        return 0
-    fi
-    local what t0
-    what=$($PY -m fingerprint "$DIR" $RERUN) \
-        || { echo "[launch] $NAME: python -m fingerprint $DIR failed" >&2; return 1; }
-    [ "$what" = train ] && [ -z "$TRAIN_CMD" ] && what=eval  # the base row (no run.json yet) is evaluation only
+# one run, as python -m study next says: train (resuming or over again) and evaluate, evaluate again, or skip
+do_run() {  # NAME DIR TRAIN_COMMAND EVAL_COMMAND
+    local name=$1 dir=$2 train=$3 eval=$4 what mode t0
+    read -r what mode < <("$PY" -m study next "$name" $RERUN) \
+        || { echo "[launch] $name: python -m study next $name failed" >&2; return 1; }
     case "$what" in
-        done) report "$NAME" - "finished, skipped"; return 0 ;;
-        stale) report "$NAME" - "finished, but by other code (the table marks it; bash launch.sh --rerun-stale" \
+        done) report "$name" - "finished, skipped"; return 0 ;;
+        stale) report "$name" - "finished, but by other code (the table marks it; bash launch.sh --rerun-stale" \
             "redoes it), skipped"; return 0 ;;
     esac
     t0=$(date +%s)
-    write_run_json "$DIR" "$id" "$method" "$target" "$(layers_of "$grid_layers")" "$aux" "$seed" "$TRAIN_CMD" \
-        "$EVAL_CMD"
     if [ "$what" = train ]; then
-        # a run finished by other code starts over; anything else continues from its latest checkpoint
-        local mode=--resume again=""
-        [ -f "$DIR/train_results.json" ] && mode=--overwrite again=" again (finished by other code)"
-        echo "[launch] $NAME: training$again, log $DIR/train.log"
-        attempt "$DIR/train.log" $TRAIN_CMD $mode || {
-            report "$NAME" $(($(date +%s) - t0)) "training failed, see $DIR/train.log" >&2; return 1; }
+        echo "[launch] $name: training$([ "$mode" = --overwrite ] && echo " again (finished by other code)"), log $dir/train.log"
+        attempt "$dir/train.log" $train $mode || {
+            report "$name" $(($(date +%s) - t0)) "training failed, see $dir/train.log" >&2; return 1; }
     fi
-    echo "[launch] $NAME: evaluating, log $DIR/eval.log"
-    attempt "$DIR/eval.log" $EVAL_CMD || {
-        report "$NAME" $(($(date +%s) - t0)) "evaluation failed, see $DIR/eval.log" >&2; return 1; }
-    report "$NAME" $(($(date +%s) - t0)) "done in $(hms $(($(date +%s) - t0)))"
+    echo "[launch] $name: evaluating, log $dir/eval.log"
+    attempt "$dir/eval.log" $eval || {
+        report "$name" $(($(date +%s) - t0)) "evaluation failed, see $dir/eval.log" >&2; return 1; }
+    report "$name" $(($(date +%s) - t0)) "done in $(hms $(($(date +%s) - t0)))"
 }
 
-lane() {  # $1 = lane index: runs every PARALLEL-th selected row on its own GPUs / CPU thread
-    local k=0 status=0
+lane() {  # $1 = lane index: runs every PARALLEL-th run on its own GPUs / CPU thread
+    local k=0 status=0 kind name dir train eval
     if [ "$GPUS" -gt 0 ]; then
         export CUDA_VISIBLE_DEVICES=$(seq -s, $(($1 * NPROC)) $(($1 * NPROC + NPROC - 1)))
     elif [ "$PARALLEL" -gt 1 ]; then
         export OMP_NUM_THREADS=1
     fi
-    while read -r row; do
-        [ -z "$row" ] && continue
-        [ $((k % PARALLEL)) -eq "$1" ] && { do_run "$row" || status=1; }
+    while IFS=$'\t' read -r kind name dir train eval; do
+        [ "$kind" = run ] || continue
+        [ "$train" = - ] && train=""
+        [ $((k % PARALLEL)) -eq "$1" ] && { do_run "$name" "$dir" "$train" "$eval" || status=1; }
         k=$((k + 1))
-    done <<<"$ROWS"
+    done <<<"$PLAN"
     return $status
 }
-
-# the chosen grid rows, each once per seed (seed after row: the seeds of a row run side by side)
-ROWS=$(echo "$GRID" | awk -v ids=" ${IDS[*]:-} " -v seeds="$SEEDS" \
-    'NF && (ids == "  " || index(ids, " " $1 " ")) {for (s = 0; s < seeds; s++) print $0, 42 + s}')
-N=$(echo "$ROWS" | wc -l)
-
-if [ "$DRY" = 1 ]; then
-    PY="${PY:-python3}"
-    if [ "$DEMO" = 1 ]; then
-        echo "# base model for the demo: tiny ChatGLM trained on the general-knowledge data"
-        echo $PY train.py $BASE_TRAIN
-        echo $PY -m adapters --model tiny --checkpoint $RUNS/base-train --output $MODEL
-    fi
-    PARALLEL=1 lane 0
-    exit 0
-fi
-
-# One launcher per RUNS. The lock is held as long as this shell or any run it started lives.
-mkdir -p "$RUNS"
-exec 9>>"$RUNS/launch.lock"
-flock -n 9 || { echo "launch.sh: $RUNS is in use by another launcher ($(cat "$RUNS/launch.holder" 2>/dev/null));" \
-    "wait for it or stop it" >&2; exit 1; }
-echo "$HOLDER" >"$RUNS/launch.holder"
-PROGRESS="$RUNS/launch.progress"
-: >"$PROGRESS"
-START=$(date +%s)
 
 # Everything that runs long runs in its own process group, so that Ctrl-C reaches only this shell, which then
 # stops the groups as a whole (torchrun, its workers, tee) and says how to go on.
@@ -286,18 +156,16 @@ interrupted() {
 }
 trap interrupted INT TERM HUP
 
-[ -n "${PY:-}" ] || source scripts/env.sh
-
-base_model() {  # the demo's base model with its progress bar on screen, resuming an interrupted training
-    header "$RUNS/base-train.log" $PY train.py $BASE_TRAIN --resume
-    $PY train.py $BASE_TRAIN --resume 2>&1 | tee -a "$RUNS/base-train.log"
-}
-if [ "$DEMO" = 1 ] && [ ! -f "$MODEL/config.json" ]; then
+if grep -q '^base' <<<"$PLAN"; then  # the demo's base model: trained (resuming), its progress bar on screen; saved
+    IFS=$'\t' read -r _ BASE_TRAIN BASE_SAVE < <(grep '^base' <<<"$PLAN")
+    base_model() {
+        header "$RUNS/base-train.log" $BASE_TRAIN --resume
+        $BASE_TRAIN --resume 2>&1 | tee -a "$RUNS/base-train.log"
+    }
     echo "[launch] training the demo's base model (tiny ChatGLM on the bundled general-knowledge data)"
     in_group base_model
-    wait $! && [ -f "$RUNS/base-train/train_results.json" ] \
-        || { echo "[launch] base training failed: $RUNS/base-train.log" >&2; exit 1; }
-    $PY -m adapters --model tiny --checkpoint "$RUNS/base-train" --output "$MODEL"
+    wait $! || { echo "[launch] base training failed: $RUNS/base-train.log" >&2; exit 1; }
+    $BASE_SAVE
 fi
 
 lanes=()
@@ -305,5 +173,5 @@ for ((i = 0; i < PARALLEL; i++)); do in_group lane "$i"; lanes+=($!); done
 status=0
 for pid in "${lanes[@]}"; do wait "$pid" || status=1; done
 
-$PY evaluate.py --runs "$RUNS"
+"$PY" evaluate.py --runs "$RUNS"
 exit $status

@@ -1,7 +1,7 @@
-"""python -m adapters --model BASE --checkpoint ADAPTER_DIR --output OUT_DIR [--dtype bfloat16]
+"""python -m adapters --model BASE --adapter ADAPTER_DIR --output OUT_DIR [--precision bf16]
 python -m adapters --peft-bin ADAPTER_DIR
 
-Merges an adapter into its base model and writes a checkpoint directory, or writes a LoRA adapter's
+Merges an adapter into its base model and writes a model directory, or writes a LoRA adapter's
 adapter_model.bin for PEFT <= 0.3 (adapters/export.py).
 """
 import sys

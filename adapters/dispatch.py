@@ -1,8 +1,9 @@
 """From command-line flags to a model with exactly the method's tensors trainable.
 
 `add_adapter_args` -> `AdapterSpec.from_args` -> `apply_adapter(model, spec)`. One layer syntax
-everywhere (`parse_layers`). Every trainable tensor ends up in float32, whatever the model's dtype:
-the model runs in bf16/fp16 under autocast while the optimizer updates float32 weights.
+everywhere (`parse_layers`). For training, `float32_trainable(model)` then puts every trainable tensor in
+float32, whatever the model's dtype: the model runs in bf16/fp16 under autocast while the optimizer updates
+float32 weights.
 
 `METHODS` is the table of fine-tuning methods, name -> the method's module. Each module defines
     TITLE, HELP                 its name in messages ("LoRA"); what it trains, for --method's help
@@ -10,8 +11,8 @@ the model runs in bf16/fp16 under autocast while the optimizer updates float32 w
     add_args(group)             its own flags (--target and --layers are shared: defined here)
     settings(args, num_layers)  -> {field: value} for its SETTINGS, from the parsed flags
     apply(model, spec)          add its modules, set requires_grad on its tensors (all else is frozen)
-    to_files(model, spec, tensors, base_model_name) -> (tensors under the file's key names,
-                                {name: dict} of JSON files written beside them, e.g. PEFT's adapter_config.json)
+    to_files(config, spec, tensors) -> (tensors under the file's key names, {name: dict} of JSON files
+                                written beside them, e.g. PEFT's adapter_config.json)
     merge                       merge(model) -> model: the adapter folded into plain base weights, in place
                                 (inference, export); None for a method that cannot be merged
 """
@@ -85,17 +86,17 @@ class AdapterSpec:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-# The method flags (unset: None) and their defaults: the study's settings.
-FLAG_DEFAULTS = {"target": "qkv", "layers": "3", "lora_rank": 8, "lora_alpha": 32.0, "lora_dropout": 0.1,
-                 "lora_target": None, "pre_seq_len": 16, "prefix_projection": False}
+# The method flags (unset: None) and their defaults: the study's settings, AdapterSpec's defaults; --layers
+# (the spec's explicit list) defaults to the last 3 layers.
+FLAG_DEFAULTS = {f.name: f.default for f in fields(AdapterSpec) if f.name != "method"} | {"layers": "3"}
 
 
-def attach_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
+def apply_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
     """Add the method's modules and set requires_grad (only the method's tensors), changing no base dtype.
 
-    New LoRA / prefix tensors are float32 on the model's device (meta included). `apply_adapter` is this
-    plus float32 trainable weights; `load_adapter` uses this alone so that loaded Freeze weights keep
-    the model's dtype and the model runs without autocast.
+    New LoRA / prefix tensors are float32 on the model's device (meta included); tensors of the base that the
+    method trains keep the model's dtype (loaded Freeze weights: a bf16 model stays bf16 and runs without
+    autocast). Training then calls `float32_trainable`.
     """
     if spec.method not in METHODS:
         raise ValueError(f"unknown method {spec.method!r}; choose one of {list(METHODS)}")
@@ -107,9 +108,8 @@ def attach_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
     return model
 
 
-def apply_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
-    """Prepare `model` for training with `spec`, in place: only the method's tensors require grad, all float32."""
-    attach_adapter(model, spec)
+def float32_trainable(model: nn.Module) -> nn.Module:
+    """Every tensor that requires grad in float32, in place (the optimizer's master weights)."""
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:

@@ -22,7 +22,7 @@ def apply(model: nn.Module, spec):
     model.requires_grad_(True)
 
 
-def to_files(model: nn.Module, spec, tensors: dict, base_model_name: str | None) -> tuple[dict, dict]:
+def to_files(config, spec, tensors: dict) -> tuple[dict, dict]:
     return tensors, {}  # the released model's own key names; no other file
 
 

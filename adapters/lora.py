@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flags import COUNT, DROPOUT, POSITIVE
+from runtime.flags import COUNT, DROPOUT, POSITIVE
 
 from .layers import parse_layers
 
@@ -88,13 +88,6 @@ class LoRALinear(nn.Module):
             self.weight.copy_((self.weight.float() + self.delta().to(self.weight.device)).to(self.weight.dtype))
             self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self):
-        """W -= scaling * B @ A: back to the base weight (exact in float32 up to rounding)."""
-        if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta().to(self.weight.device)).to(self.weight.dtype))
-            self.merged = False
-
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)
         if self.merged:
@@ -165,7 +158,7 @@ def apply(model: nn.Module, spec):
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight for good (inference, export) and put a plain nn.Linear
-    back in place. In place; returns the model. (`LoRALinear.merge` / `.unmerge` toggle without removing.)"""
+    back in place. In place; returns the model. (`LoRALinear.merge` folds one layer without removing it.)"""
     for name, m in list(model.named_modules()):
         if not isinstance(m, LoRALinear):
             continue
@@ -180,13 +173,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
 merge = merge_lora  # the method table's name for it
 
 
-def to_files(model: nn.Module, spec, tensors: dict, base_model_name: str | None) -> tuple[dict, dict]:
+def to_files(config, spec, tensors: dict) -> tuple[dict, dict]:
     """PEFT's layout: the keys under `base_model.model.`, and adapter_config.json."""
-    return ({PEFT_PREFIX + k: t for k, t in tensors.items()},
-            {"adapter_config.json": peft_config(model.config.num_layers, spec, base_model_name)})
+    return {PEFT_PREFIX + k: t for k, t in tensors.items()}, {"adapter_config.json": peft_config(config.num_layers, spec)}
 
 
-def peft_config(num_layers: int, spec, base_model_name: str | None) -> dict:
+def peft_config(num_layers: int, spec) -> dict:
     """PEFT's adapter_config.json for a LoRA spec."""
     if spec.lora_target:
         targets = spec.lora_target
@@ -195,7 +187,7 @@ def peft_config(num_layers: int, spec, base_model_name: str | None) -> dict:
     else:
         targets = target_modules(spec)
     alpha = spec.lora_alpha
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
             "inference_mode": True, "r": spec.lora_rank, "target_modules": list(targets),
             "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": spec.lora_dropout,
             "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "init_lora_weights": True,

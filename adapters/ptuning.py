@@ -12,7 +12,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from flags import COUNT
+from runtime.flags import COUNT
 
 TITLE = "P-Tuning v2"
 HELP = "P-Tuning v2 prefixes"
@@ -77,7 +77,7 @@ def apply(model: nn.Module, spec):
     apply_ptuning(model, spec.pre_seq_len, spec.prefix_projection)
 
 
-def to_files(model: nn.Module, spec, tensors: dict, base_model_name: str | None) -> tuple[dict, dict]:
+def to_files(config, spec, tensors: dict) -> tuple[dict, dict]:
     return tensors, {}  # the reference's key names (transformer.prefix_encoder.*); no other file
 
 

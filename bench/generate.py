@@ -1,7 +1,7 @@
 """Generation speed: prefill and decode tokens/s and peak memory, or cached-batched vs naive generation.
 
     python bench/generate.py --model tiny --batch-size 32 --prompt-len 128 --new-tokens 64
-    python bench/generate.py --model chatglm-6b --device cuda --dtype bf16 --batch-size 32   # random weights
+    python bench/generate.py --model chatglm-6b --device cuda --precision bf16 --batch-size 32   # random weights
     python bench/generate.py --model proxy-28 --batch-size 1 8 32 --compile   # eager vs compiled decoding
     python bench/generate.py --model chatglm-6b --batch-size 8 --attention flex --profile   # which kernels ran
     python bench/generate.py --model proxy-28 --batch-size 1 8 --quantize int4   # quantized frozen weights
@@ -19,10 +19,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import ATTENTION_KERNELS, compiled_decode_step, decode_step, generate_ids, load_model, prefill  # noqa: E402
-from files import write_json  # noqa: E402
+from model.chatglm import ATTENTION_KERNELS  # noqa: E402
+from model.generate import compiled_decode_step, decode_step, generate_ids, prefill  # noqa: E402
+from model.loader import load_model  # noqa: E402
 from model.quant import MODES as QUANT_MODES, quantize_model, tensor_bytes  # noqa: E402
-from runtime import DTYPES, peak_memory_bytes  # noqa: E402
+from runtime.files import write_json  # noqa: E402
+from runtime.precision import DTYPES, add_precision_arg, precision  # noqa: E402
+from runtime.process import peak_memory_bytes  # noqa: E402
 
 
 def random_prompts(config, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -100,7 +103,7 @@ def weight_bytes_per_step(model) -> int:
 def speed(args):
     device = torch.device(args.device)
     # quantizing: loaded on the CPU, quantized layer by layer onto the device (as train.py and evaluate.py do)
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device if args.quantize == "none" else "cpu")
+    model = load_model(args.model, dtype=DTYPES[args.precision], device=device if args.quantize == "none" else "cpu")
     quantize_model(model.requires_grad_(False), args.quantize, device)
     model = model.to(device).eval()
     model.transformer.attention = args.attention
@@ -109,9 +112,9 @@ def speed(args):
         steps["compiled"] = compiled_decode_step(device.type)
     T, N = args.prompt_len, args.new_tokens
     where = f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
-    print(f"model {args.model} ({args.dtype}, quantize {args.quantize}, {where}, {args.attention}) prompt {T}, "
+    print(f"model {args.model} ({args.precision}, quantize {args.quantize}, {where}, {args.attention}) prompt {T}, "
           f"new tokens {N}; parameters + buffers {tensor_bytes(model) / 2**20:,.1f} MiB")
-    record = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize, "attention": args.attention,
+    record = {"model": args.model, "precision": args.precision, "quantize": args.quantize, "attention": args.attention,
               "prompt_len": T, "new_tokens": N, "tensor_bytes": tensor_bytes(model),
               "weight_bytes_per_step": weight_bytes_per_step(model), "runs": []}
     for B in args.batch_size:
@@ -167,7 +170,7 @@ def main():
     p.add_argument("--prompt-len", type=int, help="prompt tokens incl. [gMASK] <sop> (default 128; --compare 64)")
     p.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default 64; --compare 64)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    add_precision_arg(p, "the weights and compute")
     p.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa", help="attention kernel")
     p.add_argument("--quantize", choices=QUANT_MODES, default="none",
                    help="the blocks' Linear weights int8 / int4 (model/quant.py), dequantized at each matmul")
@@ -178,7 +181,7 @@ def main():
     p.add_argument("--compare", action="store_true",
                    help="CPU, fp32: 64 prompts batched with the KV cache vs one at a time without a cache")
     args = p.parse_args()
-    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.precision = precision(args.precision, torch.device(args.device).type)
     args.new_tokens = args.new_tokens or 64
     if args.compare:
         args.prompt_len = args.prompt_len or 64

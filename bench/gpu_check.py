@@ -26,7 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from model import ATTENTION_KERNELS, ChatGLMConfig, ChatGLMModel  # noqa: E402
+from model.chatglm import ATTENTION_KERNELS, ChatGLMModel  # noqa: E402
+from model.config import ChatGLMConfig  # noqa: E402
 
 TRAIN_CASES = {  # name -> bench/train.py method flags
     "LoRA QKV last 3": ["--method", "lora", "--target", "qkv", "--layers", "3"],

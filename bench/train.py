@@ -33,11 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402  (the training loop's step and set-up)
-from files import write_json  # noqa: E402
-from runtime import DTYPES, peak_memory_bytes  # noqa: E402
-from adapters import AdapterSpec, add_adapter_args, apply_adapter  # noqa: E402
-from data import IGNORE  # noqa: E402
-from model import ATTENTION_KERNELS, PRESETS, ChatGLMConfig, ChatGLMModel, load_config  # noqa: E402
+from adapters import AdapterSpec, add_adapter_args, apply_adapter, float32_trainable  # noqa: E402
+from model.chatglm import ATTENTION_KERNELS, ChatGLMModel  # noqa: E402
+from model.config import PRESETS, ChatGLMConfig  # noqa: E402
+from model.loader import load_config  # noqa: E402
+from model.loss import IGNORE, n_targets  # noqa: E402
+from runtime.files import write_json  # noqa: E402
+from runtime.precision import DTYPES, add_precision_arg, precision  # noqa: E402
+from runtime.process import peak_memory_bytes  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
@@ -57,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
+    add_precision_arg(p, "train.py --precision")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="train.py --compile: torch.compile each block")
     p.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa",
@@ -107,14 +110,15 @@ def step_flops(model, config: ChatGLMConfig, batch: int, T: int, lowest: int) ->
     return float(forward + backward)
 
 
-def step(s, micro, max_grad_norm: float):
+def step(trainer, micro, max_grad_norm: float):
     """One optimizer step of train.py's loop."""
-    train.forward_backward(s, micro)
-    train.optimizer_step(s, max_grad_norm)
+    train.forward_backward(trainer, micro)
+    train.optimizer_step(trainer, max_grad_norm)
 
 
 def setup(args, device):
-    """Random weights, the adapter, and train.py's own optimizer set-up -> (model, spec, lowest, setup, micro)."""
+    """Random weights, the adapter, and train.py's own optimizer set-up -> (model, spec, lowest, trainer, micro,
+    max_grad_norm)."""
     config = model_config(args)
     torch.manual_seed(args.seed)
     with torch.device("meta"):
@@ -122,15 +126,16 @@ def setup(args, device):
     model = model.to(DTYPES[args.precision]).to_empty(device=device).init_weights(args.seed)
     model.transformer.attention = args.attention
     spec = AdapterSpec.from_args(args, config.num_layers)
-    apply_adapter(model, spec)
+    float32_trainable(apply_adapter(model, spec))
     model.train()
     lowest = train.prepare_blocks(model, args.grad_checkpointing, args.compile)
-    # train.py's optimisation settings at their defaults (the study's: AdamW, cosine, clipping at 1.0)
-    targs = train.parse_args(["--model", args.model or "custom", "--precision", args.precision])
-    s = train.make_setup(model, targs, args.warmup + args.steps, rank=0, world=1, device=device)
+    optim = train.Optimization()  # train.py's optimisation settings at their defaults (the study's)
+    run = train.Execution(precision=args.precision, attention=args.attention, compile=args.compile,
+                          grad_checkpointing=args.grad_checkpointing)
+    trainer = train.make_trainer(model, optim, run, args.warmup + args.steps, rank=0, world=1, device=device)
     batch = random_batch(config, args.batch_size, args.seq_len, torch.Generator().manual_seed(args.seed))
-    micro = [(batch, 1 / (batch["labels"][:, 1:] != IGNORE).sum().item())]  # the loss: mean over label tokens
-    return model, spec, lowest, s, micro, targs.max_grad_norm
+    micro = [(batch, 1 / n_targets(batch["labels"]))]  # the loss: mean over label tokens
+    return model, spec, lowest, trainer, micro, optim.max_grad_norm
 
 
 def timed_steps(s, micro, max_grad_norm: float, warmup: int, steps: int, device) -> list[float]:
@@ -153,6 +158,7 @@ def timed_steps(s, micro, max_grad_norm: float, warmup: int, steps: int, device)
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    args.precision = precision(args.precision, device.type)
     model, spec, lowest, s, micro, max_grad_norm = setup(args, device)
     times = timed_steps(s, micro, max_grad_norm, args.warmup, args.steps, device)
     config, mean = model.config, statistics.mean(times)

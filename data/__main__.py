@@ -6,10 +6,11 @@ sample with its label mask. Bad data exits with status 2 and a message naming fi
 import argparse
 import sys
 
-from model import load_tokenizer
+from model.loss import IGNORE
+from model.tokenizer import load_tokenizer
 
 from . import DataError, add_data_args, build_prompt, encode_train, format_report, load_records
-from .encode import IGNORE, check_lengths, record_turns
+from .encode import check_lengths, record_turns
 
 
 def percentiles(values: list[int]) -> str:

@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from .encode import IGNORE
+from model.loss import IGNORE
 
 
 def collate_train(samples: list[dict], pad_id: int) -> dict:

@@ -6,10 +6,10 @@ Truncation follows the study's code: the source keeps max_source_length - 2 toke
 against the source budget), the target keeps max_target_length - 1 ([eop] counts against the target budget), so
 a prompt is at most max_source_length tokens and a training sample at most max_source_length + max_target_length.
 """
+from model.loss import IGNORE
+
 from .prompt import build_prompt
 from .registry import load_records
-
-IGNORE = -100
 
 
 def encode_prompt(tokenizer, prompt_text: str, max_source_length: int) -> list[int]:
@@ -41,17 +41,6 @@ def record_turns(record: dict, expand_history: bool) -> list[tuple[str, list, st
     if not expand_history:
         return [(record["prompt"], record["history"], record["response"])]
     return [(q, turns[:j], a) for j, (q, a) in enumerate(turns)]
-
-
-def build_train_samples(tokenizer, names: list[str], dataset_dir, max_samples: int | None = None, seed: int = 42,
-                        max_source_length: int = 512, max_target_length: int = 512, source_prefix: str = "",
-                        expand_history: bool = False, skip_bad_records: bool = False) -> tuple[list[dict], dict]:
-    """-> ([{"input_ids", "labels"}], report): the named datasets' records (load_records), encoded (encode_records)."""
-    records, report = load_records(names, dataset_dir, max_samples, seed, skip_bad_records)
-    samples, counts = encode_records(tokenizer, records, max_source_length, max_target_length, source_prefix,
-                                     expand_history)
-    report.update(counts)
-    return samples, report
 
 
 def encode_records(tokenizer, records: list[dict], max_source_length: int = 512, max_target_length: int = 512,

@@ -6,10 +6,11 @@ A dataset directory holds `dataset_info.json` (the schema of the study's code):
 `columns` is optional (those defaults), and so is `file_sha1`. A file is a JSON list of records or JSON lines.
 Every record that will be used is validated before anything else; problems name the file, the record and the fix.
 """
-import hashlib
 import json
 import random
 from pathlib import Path
+
+from runtime.files import file_digest
 
 # Pieces of the ChatGLM vocabulary that must never come from data text: the tokenizer would turn them into
 # control tokens and silently change the sample's structure (a stray [gMASK] or <sop> moves the prompt boundary).
@@ -39,11 +40,6 @@ def read_dataset_info(dataset_dir) -> dict:
     return info
 
 
-def sha1_of(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()
-
-
 def dataset_file(name: str, dataset_dir, info: dict) -> Path:
     """The registered file of `name`, its sha1 checked when dataset_info.json gives one."""
     if name not in info:
@@ -54,7 +50,7 @@ def dataset_file(name: str, dataset_dir, info: dict) -> Path:
         raise DataError(f"dataset {name!r}: file {path} not found (named in dataset_info.json)")
     expected = info[name].get("file_sha1")
     if expected:
-        got = sha1_of(path)
+        got = file_digest(path, "sha1")
         if got != expected:
             raise DataError(f"dataset {name!r}: sha1 of {path} is {got} but dataset_info.json says {expected}; "
                             "the file changed: restore it, or update file_sha1 if the change is intended")

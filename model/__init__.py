@@ -1,10 +1,12 @@
-"""ChatGLM-6B: the network, its training loss, its checkpoint loader and writer, its tokenizer, batched generation."""
-from .chatglm import ATTENTION_KERNELS, PRESETS, ChatGLMConfig, ChatGLMModel, KVCache
-from .generate import compiled_decode_step, decode_step, generate, generate_ids, left_pad, prefill, sample_seed
-from .loader import load_config, load_model, save_checkpoint
-from .loss import linear_cross_entropy, token_loss_sum
-from .tokenizer import ChatGLMTokenizer, load_tokenizer
+"""ChatGLM-6B, one concern a module; import from the module (`from model.loader import load_model`):
 
-__all__ = ["ATTENTION_KERNELS", "PRESETS", "ChatGLMConfig", "ChatGLMModel", "KVCache", "ChatGLMTokenizer",
-           "compiled_decode_step", "decode_step", "generate", "generate_ids", "left_pad", "linear_cross_entropy",
-           "load_config", "load_model", "load_tokenizer", "prefill", "sample_seed", "save_checkpoint", "token_loss_sum"]
+    config.py      the shape and special-token ids: ChatGLMConfig, PRESETS (plain Python, no torch)
+    chatglm.py     the network: 2D rotary, prefix-LM attention, the block, the static KV cache, the output layer
+    loss.py        the training loss (output layer + cross-entropy fused by chunks) and its label conventions
+    loader.py      a checkpoint directory or preset -> model, shard by shard; save_model writes the released layout
+    tokenizer.py   ice_text.model with the reference's newline / tab / space preprocessing
+    generate.py    left padding, prefill, a compilable decode step, greedy or top-p sampling
+    quant.py       int8 / int4 frozen Linear weights
+
+This file imports nothing, so that config.py reads without torch (launch.sh --dry-run).
+"""

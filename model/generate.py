@@ -110,12 +110,3 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int = 256, max
         logits = step_fn(model, nxt[:, None], cache)  # (B, V)
     return [row[:n] for row, n in zip(out.tolist(), lengths.tolist())]
 
-
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, max_length: int | None = None,
-             do_sample: bool = False, top_p: float = 0.7, temperature: float = 0.95, seed: int = 0) -> list[str]:
-    """Prompt strings -> answers (decoded by the study's rule: tokenizer.SKIPPED_PIECES dropped), in input order.
-    Reproducible for a given seed."""
-    ids = [tokenizer.encode(p) for p in prompts]
-    seeds = [sample_seed(seed, i) for i in range(len(prompts))]
-    rows = generate_ids(model, ids, max_new_tokens, max_length, do_sample, top_p, temperature, seeds)
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]

@@ -12,9 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from files import replace_dir, write_json
+from runtime.files import replace_dir, write_json
 
-from .chatglm import PRESETS, ChatGLMConfig, ChatGLMModel
+from .chatglm import ChatGLMModel
+from .config import PRESETS, ChatGLMConfig
 from .tokenizer import tokenizer_config_json
 
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # recomputed (chatglm.rotary_inv_freq)
@@ -130,8 +131,8 @@ def load_model(path_or_preset, dtype=torch.float32, device="cpu", seed: int = 0)
     return model.eval()
 
 
-def save_checkpoint(state_dict: dict, config: ChatGLMConfig, out_dir, max_shard_bytes: int = 2 << 30,
-                    tokenizer_file=None, copy_files=()):
+def save_model(state_dict: dict, config: ChatGLMConfig, out_dir, max_shard_bytes: int = 2 << 30,
+               tokenizer_file=None, copy_files=()):
     """Write `state_dict` (released key names) as sharded safetensors + index + config.json, atomically:
     everything goes to a sibling temp directory that replaces `out_dir` only when complete.
 

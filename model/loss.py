@@ -1,4 +1,5 @@
-"""The training loss: output layer and cross-entropy fused, a chunk of rows at a time.
+"""The training loss: output layer and cross-entropy fused, a chunk of rows at a time; and its label conventions,
+which no other module re-derives: a label IGNORE takes no part, and position t predicts label t + 1.
 
 With the released vocabulary (V = 130528) the (N, V) logits of a batch dwarf everything else a LoRA
 step holds: 1 GB in float32 at 2000 label tokens, and autograd would keep them (or their log-softmax)
@@ -10,18 +11,26 @@ lives until backward. Recomputing the logits in backward instead would cost one 
 import torch
 import torch.nn.functional as F
 
-from data import IGNORE
-
+IGNORE = -100  # the label of a position the loss leaves out: the prompt, padding
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in float32, 128 rows of the released vocabulary
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels (..., T) -> the id each position must predict (..., T): label t + 1, IGNORE at the last position."""
+    return F.pad(labels[..., 1:], (0, 1), value=IGNORE)
+
+
+def n_targets(labels) -> int:
+    """How many tokens of a sample's labels (T,) or a batch's (B, T), a list or a tensor, the loss counts."""
+    return int((next_token_targets(torch.as_tensor(labels)) != IGNORE).sum())
 
 
 def token_loss_sum(model, batch: dict, device) -> torch.Tensor:
     """Sum of float32 natural-log cross-entropies of every label token of `batch` (input_ids, attention_mask,
     labels: (B, T)). Position t predicts label t+1; positions whose next label is IGNORE take no part.
     `model` is a ChatGLMModel or its DDP / FSDP2 wrapper: the loss is computed inside its forward."""
-    input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)  # (B, T)
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T): the id position t must predict
-    return model(input_ids, batch["attention_mask"].to(device), targets=targets)
+    targets = next_token_targets(batch["labels"].to(device))  # (B, T)
+    return model(batch["input_ids"].to(device), batch["attention_mask"].to(device), targets=targets)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .config import PRESETS, ChatGLMConfig
+
 MAX_BLANK = 80
 SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
 # The study's decode rule, measured with the reference tokenizer (tokenization_chatglm.py under transformers
@@ -79,8 +81,6 @@ class ChatGLMTokenizer:
 def load_tokenizer(path_or_preset) -> ChatGLMTokenizer:
     """A checkpoint directory (its `ice_text.model`, checked against its config.json), a `.model` file,
     or a preset name ('tiny' -> the bundled demo tokenizer; 'chatglm-6b' needs a real directory)."""
-    from .chatglm import PRESETS, ChatGLMConfig
-
     if str(path_or_preset) in PRESETS:
         if path_or_preset != "tiny":
             raise ValueError(f"preset {path_or_preset!r} has no bundled tokenizer; pass the checkpoint directory "

@@ -9,11 +9,14 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from adapters import (METHODS, AdapterSpec, LoRALinear, add_adapter_args, apply_adapter, base_model_id, export_merged,
-                      load_adapter, merge_lora, parse_layers, save_adapter, trainable_report, trainable_state_dict,
+                      float32_trainable, load_adapter, merge_lora, parse_layers, save_adapter, trainable_report, trainable_state_dict,
                       write_peft_bin)
 from adapters.export import main as export_main
-from model import ChatGLMConfig, ChatGLMModel, generate_ids, load_model, save_checkpoint
-from files import write_json
+from model.chatglm import ChatGLMModel
+from model.config import ChatGLMConfig
+from model.generate import generate_ids
+from model.loader import load_model, save_model
+from runtime.files import write_json
 
 # Untied, like the tiny preset: a random tied model decodes greedily to one repeated token (model.chatglm.PRESETS).
 SMALL = ChatGLMConfig(vocab_size=300, hidden_size=64, num_layers=4, num_attention_heads=4, inner_hidden_size=160,
@@ -188,21 +191,6 @@ def test_merged_lora_equals_unmerged():
     assert (model(ids) - unmerged).abs().max() < 1e-5
 
 
-def test_lora_merge_then_unmerge_restores_the_base_weight():
-    model, ids = adapted("lora-qkv"), batch()
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    base = [m.weight.clone() for m in layers]
-    unmerged = model(ids)
-    for m in layers:
-        m.merge()
-    assert all(not torch.equal(m.weight, w) for m, w in zip(layers, base))
-    assert (model(ids) - unmerged).abs().max() < 1e-5  # the branch is skipped while merged
-    for m in layers:
-        m.unmerge()
-    assert all((m.weight - w).abs().max() < 1e-6 for m, w in zip(layers, base))
-    assert (model(ids) - unmerged).abs().max() < 1e-5
-
-
 def test_bad_lora_target_lists_the_models_module_names():
     model = small_model()
     with pytest.raises(ValueError) as e:
@@ -253,6 +241,9 @@ def test_only_the_methods_tensors_get_gradients(name):
 def test_bf16_model_with_fp32_trainables_under_autocast(name):
     model = small_model().to(torch.bfloat16).train()
     apply_adapter(model, SPECS[name])
+    if name == "freeze-mlp":  # the base's own tensors: trained in the base's dtype until float32_trainable
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    float32_trainable(model)
     perturb(model)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
@@ -444,7 +435,7 @@ def test_base_model_id_ignores_pre_seq_len():
 @pytest.mark.parametrize("name", list(SPECS))
 def test_export_merged_checkpoint_gives_the_adapter_models_logits(name, tmp_path):
     base = tmp_path / "base"
-    save_checkpoint(small_model().state_dict(), SMALL, base, tokenizer_file=None)
+    save_model(small_model().state_dict(), SMALL, base, tokenizer_file=None)
     (base / "ice_text.model").write_bytes(b"tokenizer bytes")
     model, ids = adapted(name), batch()
     save_adapter(model, SPECS[name], tmp_path / "adapter")
@@ -473,11 +464,11 @@ def test_export_of_the_tiny_preset_brings_the_demo_tokenizer(tmp_path):
 
 
 def test_export_cli_and_ptuning_refusal(tmp_path):
-    base = save_checkpoint(small_model().state_dict(), SMALL, tmp_path / "base")
+    base = save_model(small_model().state_dict(), SMALL, tmp_path / "base")
     model = adapted("lora-mlp")
     save_adapter(model, SPECS["lora-mlp"], tmp_path / "lora")
-    export_main(["--model", str(base), "--checkpoint", str(tmp_path / "lora"), "--output", str(tmp_path / "out"),
-                 "--dtype", "bf16"])
+    export_main(["--model", str(base), "--adapter", str(tmp_path / "lora"), "--output", str(tmp_path / "out"),
+                 "--precision", "bf16"])
     merged = load_model(tmp_path / "out")
     assert (merged(batch()) - model(batch())).abs().max() < 0.1  # bf16 weights
     save_adapter(adapted("ptuning"), SPECS["ptuning"], tmp_path / "pt")
@@ -492,7 +483,7 @@ def test_export_config_and_the_base_code_are_what_transformers_needs(tied, tmp_p
     # and ties lm_head to the embedding when tie_word_embeddings is missing: every key must be written
     config = dataclasses.replace(SMALL, tie_word_embeddings=tied)
     base = tmp_path / "base"
-    save_checkpoint({k: v.half() for k, v in small_model(config=config).state_dict().items()}, config, base)
+    save_model({k: v.half() for k, v in small_model(config=config).state_dict().items()}, config, base)
     released = {n: f"# {n} of the release\n" for n in ("configuration_chatglm.py", "modeling_chatglm.py",
                                                         "tokenization_chatglm.py", "quantization.py")}
     released["tokenizer_config.json"] = '{"auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", null]}}'

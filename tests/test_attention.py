@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from adapters.ptuning import apply_ptuning
-from model import ChatGLMConfig, ChatGLMModel, generate_ids, left_pad, load_model
+from model.chatglm import ChatGLMModel
+from model.config import ChatGLMConfig
+from model.generate import generate_ids, left_pad
+from model.loader import load_model
 from model.generate import decode_step, prefill
 
 # Uncompiled FlexAttention runs its unfused reference implementation (and says so once).

@@ -14,8 +14,13 @@ import pytest
 import torch
 
 import evaluate
-from data import IGNORE, build_prompt
-from model import ChatGLMConfig, ChatGLMModel, generate_ids, left_pad, load_model, load_tokenizer, save_checkpoint
+from data import build_prompt
+from model.loss import IGNORE
+from model.chatglm import ChatGLMModel
+from model.config import ChatGLMConfig
+from model.generate import generate_ids, left_pad
+from model.loader import load_model, save_model
+from model.tokenizer import load_tokenizer
 from model.tokenizer import DEMO_TOKENIZER, SPECIAL_PIECES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +58,7 @@ def test_generate_batch_predictions_follow_the_rule(tok, monkeypatch):
     hello = tok.encode("你好", add_special_tokens=False)
     rows = [hello + [tok.sop_id, tok.special_ids["[gMASK]"]] + hello + [tok.eop_id], hello + [tok.mask_id]]
     monkeypatch.setattr(evaluate, "generate_ids", lambda *a, **kw: rows)
-    gen = evaluate.GenerationSettings.from_args(evaluate.parse_args(["--greedy"]))
+    gen = evaluate.parse_args(["--greedy"]).gen
     batch = [{"index": i, "prompt": "p", "label": "l", "input_ids": [1]} for i in range(2)]
     model = SimpleNamespace(transformer=SimpleNamespace())  # generate_batch sets its attention kernel
     records = evaluate.generate_batch(model, tok, batch, gen)
@@ -177,7 +182,7 @@ def sop_checkpoint(tmp_path_factory, tok):
         opt.step()
         if loss.item() < 0.3:  # a sum over 28 answer tokens: every argmax is right long before this
             break
-    out = save_checkpoint(model.state_dict(), config, tmp_path_factory.mktemp("sop") / "ckpt",
+    out = save_model(model.state_dict(), config, tmp_path_factory.mktemp("sop") / "ckpt",
                           tokenizer_file=DEMO_TOKENIZER)
     return out, turns
 

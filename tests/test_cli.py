@@ -13,16 +13,17 @@ import pytest
 import torch
 
 import evaluate
-import files
-import rundir
-import runtime
 import train
+from conftest import REPO, TRAIN_SMALL
 from adapters import AdapterSpec, apply_adapter, load_adapter, save_adapter
-from model import ChatGLMConfig, ChatGLMModel
+from model.chatglm import ChatGLMModel
+from model.config import ChatGLMConfig
+from runtime import checkpoint, files
+from study import grid
+from study.rundir import CHECKPOINTS, LOG
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--model", "tiny", "--precision", "fp32", "--max-samples", "64", "--max-source-length", "48",
-         "--max-target-length", "48"]
+
+SMALL = TRAIN_SMALL
 
 
 def env():
@@ -46,9 +47,9 @@ def test_train_refuses_a_bad_number(flag, bad, capsys):
 
 
 def test_train_accepts_the_documented_zeros():
-    args = train.parse_args(["--model", "tiny", "--max-steps", "0", "--save-steps", "0", "--lora-dropout", "0",
-                             "--warmup-steps", "0", "--max-grad-norm", "0"])
-    assert (args.max_steps, args.save_steps, args.lora_dropout, args.max_grad_norm) == (0, 0, 0.0, 0.0)
+    s = train.parse_args(["--model", "tiny", "--max-steps", "0", "--save-steps", "0", "--lora-dropout", "0",
+                          "--warmup-steps", "0", "--max-grad-norm", "0"])
+    assert (s.optim.max_steps, s.out.save_steps, s.adapter.lora_dropout, s.optim.max_grad_norm) == (0, 0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -64,8 +65,8 @@ def test_evaluate_refuses_a_bad_number(flags, needle, capsys):
 
 
 def test_greedy_needs_no_temperature():
-    args = evaluate.parse_args(["--model", "tiny", "--greedy", "--temperature", "0", "--top-p", "1"])
-    assert args.greedy and args.top_p == 1.0
+    s = evaluate.parse_args(["--model", "tiny", "--greedy", "--temperature", "0", "--top-p", "1"])
+    assert not s.gen.do_sample and s.gen.top_p == 1.0
 
 
 @pytest.mark.parametrize("flags, ignored", [
@@ -76,13 +77,12 @@ def test_greedy_needs_no_temperature():
                                                             "--prefix-projection"),
 ])
 def test_an_option_the_method_ignores_is_an_error(flags, ignored):
-    args = train.parse_args(["--model", "tiny", *flags])
     with pytest.raises(ValueError, match=f"does not use {ignored}"):
-        AdapterSpec.from_args(args, 6)
+        train.parse_args(["--model", "tiny", *flags])
 
 
 def test_method_flags_left_unset_take_the_study_defaults():
-    spec = AdapterSpec.from_args(train.parse_args(["--model", "tiny"]), 28)
+    spec = train.parse_args(["--model", "chatglm-6b"]).adapter
     assert (spec.method, spec.target, spec.layers, spec.lora_rank, spec.lora_alpha, spec.lora_dropout) == \
         ("lora", "qkv", [25, 26, 27], 8, 32.0, 0.1)
 
@@ -91,22 +91,23 @@ def test_method_flags_left_unset_take_the_study_defaults():
 
 def test_without_model_the_demo_then_tiny(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("MODEL", raising=False)
-    monkeypatch.setattr(runtime, "DEMO_MODEL", tmp_path / "base-model")  # absent: the tiny preset
-    args = train.parse_args(["--method", "lora", "--target", "qkv", "--layers", "3", "--lr", "1e-4"])
-    assert args.model == "tiny"
-    assert (args.lr, args.epochs, args.batch_size, args.precision) == (1e-4, 2, 16, "fp32")  # given flags win
+    monkeypatch.setattr(grid, "DEMO_MODEL", tmp_path / "base-model")  # absent: the tiny preset
+    s = train.parse_args(["--method", "lora", "--target", "qkv", "--layers", "3", "--lr", "1e-4"])
+    assert s.model == "tiny"
+    assert (s.optim.lr, s.optim.epochs, s.optim.batch_size, s.run.precision) == (1e-4, 2, 16, "fp32")  # flags win
     assert "the 'tiny' preset" in capsys.readouterr().out
     (tmp_path / "base-model").mkdir()
     (tmp_path / "base-model" / "config.json").write_text("{}")
     assert train.parse_args([]).model == str(tmp_path / "base-model")
-    assert evaluate.parse_args([]).model == str(tmp_path / "base-model")
-    assert evaluate.parse_args(["--runs"]).model is None  # the table alone needs no model
+    assert evaluate.parse_args([]).load.model == str(tmp_path / "base-model")
+    assert evaluate.parse_args(["--runs"]).load.model is None  # the table alone needs no model
 
 
 def test_model_from_the_environment_keeps_the_study_settings(monkeypatch, capsys):
     monkeypatch.setenv("MODEL", "/data/chatglm-6b")
-    args = train.parse_args(["--method", "lora"])
-    assert args.model == "/data/chatglm-6b" and (args.lr, args.epochs, args.batch_size) == (1e-5, 10, 8)
+    monkeypatch.setattr(train, "load_config", lambda name: ChatGLMConfig())  # no such directory here
+    s = train.parse_args(["--method", "lora"])
+    assert s.model == "/data/chatglm-6b" and (s.optim.lr, s.optim.epochs, s.optim.batch_size) == (1e-5, 10, 8)
     assert "$MODEL = /data/chatglm-6b" in capsys.readouterr().out
     assert train.parse_args(["--model", "tiny"]).model == "tiny"
 
@@ -158,7 +159,7 @@ def test_ctrl_c_in_train_says_how_to_resume(tmp_path):
     cmd = [sys.executable, "train.py", *SMALL, "--method", "lora", "--max-steps", "300", "--batch-size", "2",
            "--save-steps", "3", "--logging-steps", "1", "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: rundir.latest_checkpoint(out) is not None, proc)
+    wait_for(lambda: checkpoint.latest(out / CHECKPOINTS) is not None, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
@@ -169,7 +170,7 @@ def test_ctrl_c_in_train_says_how_to_resume(tmp_path):
     done = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resuming at step {step}" in done.stdout
-    assert [r["step"] for r in rundir.read_jsonl(out / rundir.LOG)] == list(range(1, 301))
+    assert [r["step"] for r in files.read_jsonl(out / LOG)] == list(range(1, 301))
 
 
 def test_ctrl_c_in_evaluate_keeps_finished_batches(tmp_path):
@@ -205,7 +206,7 @@ def test_a_failed_checkpoint_write_names_the_path_and_keeps_the_last(tmp_path, m
         train.main([*SMALL, "--method", "lora", "--max-steps", "6", "--batch-size", "2", "--save-steps", "2",
                     "--output-dir", str(out)])
     assert "step-4" in e.value.filename and "unexpected pos" in e.value.strerror
-    assert rundir.latest_checkpoint(out) == out / "checkpoints" / "step-2"
+    assert checkpoint.latest(out / CHECKPOINTS) == out / CHECKPOINTS / "step-2"
     line = files.explain(e.value)
     assert line.startswith(str(out / "checkpoints" / "step-4")) and "\n" not in line
 
@@ -239,22 +240,3 @@ def test_a_full_disk_is_one_line(small_disk):
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: error: ") and "disk is full" in last and str(out) in last
-
-
-def test_the_demo_settings_are_the_launchers():
-    """train.py's defaults for the demo model are launch.sh's settings for the demo's grid runs."""
-    line = next(ln for ln in (REPO / "launch.sh").read_text(encoding="utf-8").splitlines()
-                if ln.strip().startswith("TRAIN_ARGS=") and "--lr" in ln)
-    words = line.split('"')[1].split()
-    given = {words[i][2:].replace("-", "_"): words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
-    for key, value in train.DEMO_SETTINGS.items():
-        assert type(value)(given[key]) == value, key
-
-
-def test_dataclass_defaults_match_flag_defaults():
-    from adapters.dispatch import FLAG_DEFAULTS
-    spec = AdapterSpec()
-    for k, v in FLAG_DEFAULTS.items():
-        if k != "layers":
-            assert getattr(spec, k) == v, k
-    assert dataclasses.asdict(spec)["layers"] is None

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import (DEMO_DIR, DataError, build_eval_samples, build_prompt, build_train_samples,
+from conftest import REPO, SHARED_DATA, build_train_samples
+from data import (DEMO_DIR, DataError, build_eval_samples, build_prompt,
                   collate_train, encode_prompt, encode_train, format_report, global_batches, load_records, rank_share)
-from model import load_tokenizer
+from model.tokenizer import load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+
 GMASK, SOP, EOP, PAD = 5, 8, 9, 3  # the tiny preset's ids
 
 

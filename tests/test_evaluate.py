@@ -5,7 +5,6 @@ import io
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +14,23 @@ import pytest
 import torch
 
 import evaluate
-import results
+from study import results
 import train
 from adapters import AdapterSpec, apply_adapter, save_adapter
-from data import DEMO_DIR, IGNORE, build_eval_samples, build_train_samples, encode_train
-from fingerprint import CODE, code_fingerprint
-from metrics import METRICS, TITLES, corpus_scores, sample_scores, score_stats
-from model import ChatGLMConfig, ChatGLMModel, generate_ids, load_model, load_tokenizer, token_loss_sum
-from stats import bootstrap_interval, paired_difference
+from conftest import REPO, build_train_samples, corpus_scores, free_port
+from data import DEMO_DIR, build_eval_samples, encode_train
+from model.loss import IGNORE
+from study.fingerprint import code_files, code_fingerprint
+from study.metrics import METRICS, TITLES, sample_scores, score_stats
+from model.chatglm import ChatGLMModel
+from model.config import ChatGLMConfig
+from model.generate import generate_ids
+from model.loader import load_model
+from model.loss import token_loss_sum
+from model.tokenizer import load_tokenizer
+from study.stats import bootstrap_interval, paired_difference
 
-ROOT = Path(__file__).resolve().parents[1]
+
 SETS = ("roleplay_all_test", "alpaca_gpt4_zh")
 # small but every sample still generates: prompts of at most 40 tokens, answers up to 48 - prompt
 TINY = ["--model", "tiny", "--max-samples", "4", "--max-length", "48", "--max-source-length", "40"]
@@ -83,15 +89,24 @@ EXPECTED_TABLE = """\
 """ + results.LEGEND
 
 
+def test_the_code_fingerprint_covers_the_scripts_and_the_packages():
+    """Derived from the folders: a module added to a package counts at once; benchmarks, tests and the demo data's
+    generator do not."""
+    files = {f.relative_to(REPO).as_posix() for f in code_files(REPO)}
+    assert {"train.py", "evaluate.py", "model/chatglm.py", "model/loss.py", "adapters/lora.py", "data/encode.py",
+            "runtime/checkpoint.py", "runtime/precision.py", "study/grid.py", "study/metrics.py"} <= files
+    assert not any(f.startswith(("bench/", "tests/", "scripts/", "data/demo/")) for f in files)
+    assert all(f.count("/") <= 1 for f in files)
+
+
 def test_a_change_of_the_model_code_marks_earlier_rows(tmp_path):
     """Rows whose scores were made by the code of a checkout are marked once that checkout's model code changes."""
     checkout = tmp_path / "checkout"
-    for pattern in CODE:
-        for f in ROOT.glob(pattern):
-            (checkout / f.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
-            (checkout / f.relative_to(ROOT)).write_bytes(f.read_bytes())
+    for f in code_files(REPO):
+        (checkout / f.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / f.relative_to(REPO)).write_bytes(f.read_bytes())
     before = code_fingerprint(checkout)
-    assert before == code_fingerprint(ROOT)  # the same files give the same fingerprint
+    assert before == code_fingerprint(REPO)  # the same files give the same fingerprint
     runs = tmp_path / "runs"
     write_run(runs, "0-base", {"id": 0, "method": "none", "target": "-", "layers": "-", "aux": False},
               {s: [1.0, 2.0, 3.0, 4.0] for s in SETS}, code=before)
@@ -252,7 +267,7 @@ def test_table_follows_the_metric_list(tmp_path, monkeypatch, capsys):
 
 
 def test_generation_settings_record_is_what_metrics_json_keeps():
-    gen = evaluate.GenerationSettings.from_args(evaluate.parse_args(["--model", "tiny", "--greedy", "--seed", "7"]))
+    gen = evaluate.parse_args(["--model", "tiny", "--greedy", "--seed", "7"]).gen
     assert gen.batch_size == 32
     assert list(gen.record().items()) == [("do_sample", False), ("top_p", 0.7), ("temperature", 0.95),
                                           ("max_length", 768), ("seed", 7), ("max_source_length", 512),
@@ -331,7 +346,7 @@ def test_end_to_end_tiny(tmp_path):
             "tokens": {"mean": np.mean(lengths), "median": np.median(lengths), "max": max(lengths)}}
         assert metrics["generated_tokens"] == sum(lengths) and metrics["generation_tokens_per_s"] > 0
         assert metrics["generation"]["do_sample"] is False and metrics["generation"]["max_length"] == 48
-        assert metrics["model"]["path"] == "tiny" and metrics["checkpoint"] is None
+        assert metrics["model"]["path"] == "tiny" and metrics["adapter"] is None
         assert set(metrics["versions"]) == {"jieba", "rouge-chinese", "nltk"}
         assert not list((tmp_path / name).glob("*partial*"))
 
@@ -438,23 +453,18 @@ def test_resume_does_not_redo_written_predictions(tmp_path, monkeypatch):
     assert not list((tmp_path / "run" / "alpaca_gpt4_zh").glob("*partial*"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_one_vs_two_processes_identical(tmp_path):
     """Sampling (the study's default) with 5 samples in batches of 2: ranks get uneven shares."""
     args = TINY[:3] + ["5"] + TINY[4:] + ["--batch-size", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "evaluate.py", *args, "--output-dir", str(tmp_path / "one")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                           "evaluate.py", *args, "--output-dir", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-2000:]
     for name in SETS:
         a = (tmp_path / "one" / name / "generated_predictions.jsonl").read_text(encoding="utf-8")
@@ -546,5 +556,5 @@ def test_checkpoint_is_applied(tmp_path, method):
         assert p["predict"] == tokenizer.decode(row, skip_special_tokens=True)
     assert [p["predict"] for p in tuned] != [p["predict"] for p in base]
     metrics = json.loads((tmp_path / "run" / "eval" / "alpaca_gpt4_zh" / "metrics.json").read_text())
-    assert metrics["checkpoint"]["adapter"]["method"] == method
-    assert "adapter_model.safetensors" in metrics["checkpoint"]["sha256"]
+    assert metrics["adapter"]["settings"]["method"] == method
+    assert "adapter_model.safetensors" in metrics["adapter"]["sha256"]

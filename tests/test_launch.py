@@ -8,17 +8,21 @@ import signal
 import subprocess
 import sys
 import time
+from conftest import REPO
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-import fingerprint
-import rundir
-from model import ChatGLMConfig, ChatGLMModel, save_checkpoint
+from model.chatglm import ChatGLMModel
+from model.config import ChatGLMConfig
+from model.loader import save_model
 from model.tokenizer import DEMO_TOKENIZER
+from runtime import checkpoint
+from study import fingerprint
+from study.grid import EVAL_SETS
+from study.rundir import CHECKPOINTS
 
-REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO.parent / "shared" / "docs" / "experiment.md"
 
 # The grid as experiment.md writes it (id, method, trains, layers, aux); checked against the file when present.
@@ -131,11 +135,11 @@ def test_every_id_maps_to_the_grid_on_the_released_depth(model_6b):
         assert arg(ev, "--dataset") == "roleplay_all_test,alpaca_gpt4_zh" and arg(ev, "--max-samples") == "100"
         assert arg(ev, "--model") == str(model_6b)
         if METHODS[method] is None:
-            assert train == [] and "--checkpoint" not in ev
+            assert train == [] and "--run" not in ev
             continue
         (tr,) = train
         assert arg(tr, "--method") == METHODS[method]
-        assert arg(ev, "--checkpoint") == arg(tr, "--output-dir")
+        assert arg(ev, "--run") == arg(tr, "--output-dir")
         assert arg(tr, "--dataset") == ("roleplay_all_train,chat_aux_zh" if aux == "yes" else "roleplay_all_train")
         assert arg(tr, "--max-samples") == ("10000" if aux == "yes" else None)
         if METHODS[method] == "ptuning":
@@ -147,16 +151,6 @@ def test_every_id_maps_to_the_grid_on_the_released_depth(model_6b):
         # checkpoints by time for a resume after Ctrl-C, besides train.py's --save-steps
         assert arg(tr, "--save-minutes") == "30" and arg(tr, "--save-steps") is None
     assert len({r["name"] for r in runs.values()}) == 23
-
-
-def test_tiny_default_maps_last_and_first_three_to_its_depth():
-    """launch.sh has the tiny preset's depth as a constant (its dry run imports no torch): it must be the preset's."""
-    depth = ChatGLMConfig.from_name("tiny").num_layers
-    runs = dry_run({}, 1, 3, 15)
-    assert sorted(runs) == [1, 3, 15]
-    layers = {i: arg([c for c in r["cmds"] if "train.py" in c][0], "--layers") for i, r in runs.items()}
-    assert layers == {1: f"{depth - 3}-{depth - 1}", 3: "0-2", 15: f"0-{depth - 1}"}
-    assert {arg(c, "--save-minutes") for r in runs.values() for c in r["cmds"] if "train.py" in c} == {"2"}
 
 
 def test_multi_gpu_runs_through_torchrun(model_6b):
@@ -211,7 +205,7 @@ EVAL_EXTRA = "--precision fp32 --max-samples 4 --max-length 48 --max-source-leng
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
     config = ChatGLMConfig.from_name("tiny")
-    return save_checkpoint(ChatGLMModel(config).init_weights(0).state_dict(), config,
+    return save_model(ChatGLMModel(config).init_weights(0).state_dict(), config,
                            tmp_path_factory.mktemp("tiny") / "base", tokenizer_file=DEMO_TOKENIZER)
 
 
@@ -242,7 +236,7 @@ def test_reruns_do_what_the_fingerprint_says(tmp_path, tiny_base):
     runs = tmp_path / "runs"
     env = tiny_env(runs, tiny_base, steps=4)
     run = runs / RUN
-    results = [run / "train_results.json"] + [run / "eval" / s / "metrics.json" for s in fingerprint.EVAL_SETS]
+    results = [run / "train_results.json"] + [run / "eval" / s / "metrics.json" for s in EVAL_SETS]
 
     out = launch(env, "11").stdout
     assert f"[launch] run 1/1 {RUN}: done in" in out and "| 11 | lora |" in out
@@ -255,7 +249,7 @@ def test_reruns_do_what_the_fingerprint_says(tmp_path, tiny_base):
     assert f"{RUN}: evaluating" in out and f"{RUN}: training" not in out
     assert len(attempts(run / "train.log")) == 1 and len(attempts(run / "eval.log")) == 2
     for m in results[1:]:
-        assert json.loads(m.read_text())["checkpoint"]["sha256"] == fingerprint.adapter_sha256(run)
+        assert json.loads(m.read_text())["adapter"]["sha256"] == fingerprint.adapter_sha256(run)
 
     code = fingerprint.code_fingerprint()
     for path in results:
@@ -296,7 +290,7 @@ def test_lock_then_ctrl_c_then_the_same_command_resumes(tmp_path, tiny_base):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 180
-        while rundir.latest_checkpoint(run) is None and first.poll() is None and time.time() < deadline:
+        while checkpoint.latest(run / CHECKPOINTS) is None and first.poll() is None and time.time() < deadline:
             time.sleep(0.02)
 
         # a second launcher on the same runs directory refuses at once, naming the first
@@ -315,7 +309,7 @@ def test_lock_then_ctrl_c_then_the_same_command_resumes(tmp_path, tiny_base):
     assert err.splitlines()[-1] == ("[launch] interrupted: the runs stopped; the same command resumes them "
                                     "(checkpoints are kept)")
     assert live_processes_mentioning(str(runs)) == []
-    stopped_at = int(rundir.latest_checkpoint(run).name.split("-")[1])
+    stopped_at = int(checkpoint.latest(run / CHECKPOINTS).name.split("-")[1])
     assert 2 <= stopped_at < 300 and not (run / "train_results.json").exists()
 
     out = launch(env, "11").stdout

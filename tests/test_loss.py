@@ -5,8 +5,11 @@ import torch.nn.functional as F
 
 import model.loss
 from adapters import AdapterSpec, apply_adapter
-from data import IGNORE
-from model import ChatGLMConfig, ChatGLMModel, linear_cross_entropy, token_loss_sum
+from model.loss import IGNORE
+from model.chatglm import ChatGLMModel
+from model.config import ChatGLMConfig
+from model.loss import linear_cross_entropy, token_loss_sum
+
 
 V = 300
 GMASK, SOP, EOP = 251, 254, 255

@@ -7,7 +7,8 @@ import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 
-from metrics import METRICS, corpus_scores, sample_scores
+from conftest import corpus_scores
+from study.metrics import METRICS, sample_scores
 
 PAIRS = [  # (prediction, label)
     ("本喵可以陪你去做饭，不过要先给本喵面条喵～", "本喵可以陪你去做饭，不过要先给本喵面条喵～"),

@@ -5,9 +5,13 @@ import json
 import pytest
 import torch
 
-from model import (ChatGLMConfig, ChatGLMModel, generate, generate_ids, left_pad, load_model, load_tokenizer,
-                   save_checkpoint)
-from files import write_json
+from model.chatglm import ChatGLMModel
+from model.config import ChatGLMConfig
+from conftest import generate
+from model.generate import generate_ids, left_pad
+from model.loader import load_model, save_model
+from model.tokenizer import load_tokenizer
+from runtime.files import write_json
 
 # Untied, like the tiny preset: a random tied model decodes greedily to one repeated token (model.chatglm.PRESETS).
 SMALL = ChatGLMConfig(vocab_size=300, hidden_size=64, num_layers=3, num_attention_heads=4, inner_hidden_size=160,
@@ -56,7 +60,7 @@ def test_bin_shards_and_safetensors_load_bit_exactly(tmp_path):
     model = small_model()
     sd = released_state_dict(model)
     bin_dir = write_bin_shards(sd, tmp_path / "bin")
-    st_dir = save_checkpoint(sd, SMALL, tmp_path / "st", max_shard_bytes=20_000)
+    st_dir = save_model(sd, SMALL, tmp_path / "st", max_shard_bytes=20_000)
     assert len(json.loads((st_dir / "model.safetensors.index.json").read_text())["weight_map"]) == len(sd)
     assert len(list(st_dir.glob("model-*.safetensors"))) > 1
     torch.save(sd, (tmp_path / "single").mkdir() or tmp_path / "single" / "pytorch_model.bin")
@@ -88,7 +92,7 @@ def test_loader_errors_name_file_and_keys(tmp_path):
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(ValueError, match="pytorch_model-00002-of-00002.bin"):
         load_model(d)
-    st = save_checkpoint(sd, SMALL, tmp_path / "st_trunc")
+    st = save_model(sd, SMALL, tmp_path / "st_trunc")
     f = next(st.glob("model-*.safetensors"))
     f.write_bytes(f.read_bytes()[:5000])
     with pytest.raises(ValueError, match=f.name):
@@ -140,7 +144,7 @@ def test_untied_config_keeps_two_matrices_and_saving_states_the_key(tmp_path):
     model = ChatGLMModel(SMALL).init_weights(0, std=0.3)
     assert model.lm_head.weight is not model.transformer.word_embeddings.weight
     assert not torch.equal(model.lm_head.weight, model.transformer.word_embeddings.weight)
-    d = save_checkpoint(model.state_dict(), SMALL, tmp_path / "untied")
+    d = save_model(model.state_dict(), SMALL, tmp_path / "untied")
     assert json.loads((d / "config.json").read_text())["tie_word_embeddings"] is False
     loaded = load_model(d)
     assert not loaded.config.tie_word_embeddings
@@ -148,7 +152,7 @@ def test_untied_config_keeps_two_matrices_and_saving_states_the_key(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v), k
 
     tied = ChatGLMModel(TIED).init_weights(0, std=0.3).eval()
-    d = save_checkpoint(tied.state_dict(), TIED, tmp_path / "tied")  # one matrix on disk
+    d = save_model(tied.state_dict(), TIED, tmp_path / "tied")  # one matrix on disk
     assert json.loads((d / "config.json").read_text())["tie_word_embeddings"] is True
     assert "lm_head.weight" not in json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
     loaded = load_model(d)

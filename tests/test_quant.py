@@ -3,7 +3,6 @@ trained over an int8 base and applied to the float base, P-Tuning and Freeze ove
 process, the refusals, and the dry run's base-weights line for ChatGLM-6B."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +15,15 @@ from safetensors.torch import load_file
 
 import evaluate
 import train
+from conftest import REPO, TRAIN_SMALL, free_port
 from adapters import AdapterSpec, LoRALinear, apply_adapter, load_adapter
 from data import DEMO_DIR, build_eval_samples
-from model import generate_ids, load_model, load_tokenizer
+from model.generate import generate_ids
+from model.loader import load_model
+from model.tokenizer import load_tokenizer
 from model.quant import QuantLinear, quantize_model, tensor_bytes
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--model", "tiny", "--precision", "fp32", "--max-samples", "64", "--max-source-length", "48",
-         "--max-target-length", "48", "--logging-steps", "1", "--save-steps", "0"]
+SMALL = [*TRAIN_SMALL, "--logging-steps", "1", "--save-steps", "0"]
 LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
@@ -182,8 +182,8 @@ def test_ptuning_and_freeze_run_over_a_quantized_base(tmp_path, method, mode, lr
 
 
 def test_freeze_keeps_its_trained_layers_float():
-    args = train.parse_args([*SMALL, "--method", "freeze", "--target", "mlp", "--layers", "2", "--quantize", "int8"])
-    model = train.build_model(args, AdapterSpec.from_args(args, 6), None, torch.device("cpu"))
+    s = train.parse_args([*SMALL, "--method", "freeze", "--target", "mlp", "--layers", "2", "--quantize", "int8"])
+    model, _ = train.build_model(s.model, s.adapter, s.run, s.optim.seed, None, torch.device("cpu"))
     for i, block in enumerate(model.transformer.layers):
         mlp = (block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h)
         if i >= 4:
@@ -196,10 +196,10 @@ def test_freeze_keeps_its_trained_layers_float():
 def test_full_and_fsdp_with_quantize_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="--method full: full fine-tuning trains every weight"):
         train.main([*SMALL, "--method", "full", "--quantize", "int8", "--output-dir", str(tmp_path / "a")])
-    args = train.parse_args([*SMALL, "--quantize", "int4", "--dist", "fsdp"])
+    s = train.parse_args([*SMALL, "--quantize", "int4", "--dist", "fsdp"])
     with pytest.raises(ValueError, match="use --dist ddp"):
-        train.check_quantize(args, AdapterSpec.from_args(args, 6), world=2)
-    train.check_quantize(args, AdapterSpec.from_args(args, 6), world=1)  # one process: --dist is not used
+        train.check_quantize(s.run, s.adapter, world=2)
+    train.check_quantize(s.run, s.adapter, world=1)  # one process: --dist is not used
     assert not (tmp_path / "a").exists()
 
 
@@ -208,9 +208,7 @@ def test_ddp_over_a_quantized_base_equals_one_process(tmp_path):
     common = [*SMALL, "--method", "lora", "--layers", "2", "--lora-dropout", "0", "--lr", "3e-3", "--max-steps", "3",
               "--max-samples", "16", "--quantize", "int8"]
     train.main([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one")])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "train.py", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "two")]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
@@ -231,7 +229,7 @@ def test_dry_run_prints_chatglm_6b_base_weights(capsys):
     expected = {"none": 2 * 6_173_286_400, "int8": float_rest + L * (block_weights + 2 * rows),
                 "int4": float_rest + L * (block_weights // 2 + 2 * block_weights // 128)}
     for mode, (low, high) in {"none": (11.4, 11.6), "int8": (6.2, 6.3), "int4": (3.6, 3.8)}.items():
-        train.main(["--model", "chatglm-6b", "--dry-run", "--quantize", mode])
+        train.main(["--model", "chatglm-6b", "--dry-run", "--precision", "bf16", "--quantize", mode])
         line = capsys.readouterr().out.splitlines()[-1]
         assert line == f"base weights: {expected[mode] / 2**30:.2f} GiB (bf16, {mode})"
         assert low < expected[mode] / 2**30 < high

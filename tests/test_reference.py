@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import zlib
+from conftest import REPO
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from adapters import AdapterSpec, apply_adapter
-from files import write_json
-from model import ChatGLMConfig, generate_ids, left_pad, load_model, load_tokenizer
+from runtime.files import write_json
+from model.config import ChatGLMConfig
+from model.generate import generate_ids, left_pad
+from model.loader import load_model
+from model.tokenizer import load_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
+
 FIXTURE = Path(__file__).resolve().parent / "reference" / "chatglm_tiny.json"
 REF = json.loads(FIXTURE.read_text(encoding="utf-8"))
 CONFIG = ChatGLMConfig(**REF["config"])

@@ -4,7 +4,7 @@ give."""
 import numpy as np
 import pytest
 
-from stats import bootstrap_interval, paired_difference, resampled_means, significant, weighted_mean
+from study.stats import bootstrap_interval, paired_difference, resampled_means, significant, weighted_mean
 
 
 def rouge_like(n: int, seed: int) -> np.ndarray:

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,17 @@ import torch
 from safetensors.torch import load_file
 
 import train
-import rundir
 from adapters import AdapterSpec, apply_adapter, load_adapter
-from data import DEMO_DIR, build_train_samples, collate_train
-from model import ChatGLMConfig, ChatGLMModel, load_model, load_tokenizer, save_checkpoint
-from model.tokenizer import DEMO_TOKENIZER
+from conftest import REPO, TRAIN_SMALL, build_train_samples, free_port
+from data import DEMO_DIR, collate_train
+from model.chatglm import ChatGLMModel
+from model.config import ChatGLMConfig
+from model.loader import load_model, save_model
+from model.tokenizer import DEMO_TOKENIZER, load_tokenizer
+from runtime import checkpoint
+from study.rundir import CHECKPOINTS
 
-REPO = Path(__file__).resolve().parents[1]
-# Short samples from the start of the demo role-play set: a step takes milliseconds.
-SMALL = ["--model", "tiny", "--precision", "fp32", "--max-samples", "64", "--max-source-length", "48",
-         "--max-target-length", "48", "--logging-steps", "1"]
+SMALL = [*TRAIN_SMALL, "--logging-steps", "1"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -41,11 +41,6 @@ def adapter(out) -> dict:
 def log(out) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "trainer_log.jsonl").read_text().splitlines()]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def subprocess_env():
@@ -131,7 +126,7 @@ def tied_tiny(path) -> Path:
     config = ChatGLMConfig.from_name("tiny")
     config.tie_word_embeddings = True
     model = ChatGLMModel(config).init_weights(0)
-    return save_checkpoint(model.state_dict(), config, path, tokenizer_file=DEMO_TOKENIZER)
+    return save_model(model.state_dict(), config, path, tokenizer_file=DEMO_TOKENIZER)
 
 
 def test_full_fine_tuning_trains_the_one_tied_matrix(tmp_path):
@@ -178,11 +173,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     cmd = [sys.executable, "train.py", *SMALL, *map(str, common), "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while rundir.latest_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
+    while checkpoint.latest(out / CHECKPOINTS) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = int(rundir.latest_checkpoint(out).name.split("-")[1])
+    killed_at = int(checkpoint.latest(out / CHECKPOINTS).name.split("-")[1])
     assert killed_at < 40 and not (out / "train_results.json").exists(), "the run finished before the kill"
 
     run_train(*common, "--output-dir", out, "--resume")
@@ -211,11 +206,11 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path):
         good(d)
         raise KeyboardInterrupt  # a kill in the middle of writing step-2
 
-    rundir.write_checkpoint(tmp_path, 1, good, {}, {"step": 1})
+    checkpoint.write(tmp_path, 1, good, {}, {"step": 1})
     with pytest.raises(KeyboardInterrupt):
-        rundir.write_checkpoint(tmp_path, 2, dies, {}, {"step": 2})
-    assert rundir.latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-1"
-    assert torch.load(tmp_path / "checkpoints" / "step-1" / "trainer_state.pt")["step"] == 1
+        checkpoint.write(tmp_path, 2, dies, {}, {"step": 2})
+    assert checkpoint.latest(tmp_path) == tmp_path / "step-1"
+    assert torch.load(tmp_path / "step-1" / checkpoint.STATE)["step"] == 1
 
 
 # ---------------------------------------------------------------- safety nets

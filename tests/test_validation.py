@@ -4,7 +4,6 @@ and never trained on, the training is the same with validation as without, and 2
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import rundir
 import train
+from conftest import REPO, TRAIN_SMALL, free_port
 from adapters import load_adapter
-from data import DEMO_DIR, IGNORE, DataError, build_prompt, encode_train, hold_out, load_records
-from model import load_model, load_tokenizer
+from data import DEMO_DIR, DataError, build_prompt, encode_train, hold_out, load_records
+from model.loss import IGNORE
+from model.loader import load_model
+from model.tokenizer import load_tokenizer
+from runtime.files import read_jsonl
+from study import training
+from study.rundir import LOG
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--model", "tiny", "--precision", "fp32", "--max-samples", "64", "--max-source-length", "48",
-         "--max-target-length", "48", "--logging-steps", "1", "--method", "lora", "--batch-size", "4"]
+
+SMALL = [*TRAIN_SMALL, "--logging-steps", "1", "--method", "lora", "--batch-size", "4"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -33,7 +36,7 @@ def run_train(*args):
 
 
 def log(out) -> list[dict]:
-    return rundir.read_jsonl(Path(out) / rundir.LOG)
+    return read_jsonl(Path(out) / LOG)
 
 
 def val_rows(out) -> list[tuple[int, float]]:
@@ -132,16 +135,20 @@ def test_held_out_records_are_chosen_by_the_seed():
         hold_out(records, 65)
 
 
+def load_samples(*flags):
+    s = train.parse_args([*SMALL, *flags])
+    return train.load_samples(s.data, s.val, s.optim, load_tokenizer("tiny"), 1)
+
+
 def test_the_training_samples_lack_the_held_out_ones():
-    tok = load_tokenizer("tiny")
-    data, val, report = train.load_samples(train.parse_args([*SMALL, "--val-size", "10"]), tok, 1)
+    data, val, report = load_samples("--val-size", "10")
     assert len(data.samples) == 54 and report["held_out"] == 10
     assert val == held_out_samples(10)
     assert {tuple(s["input_ids"]) for s in data.samples}.isdisjoint(tuple(s["input_ids"]) for s in val)
-    data, val, _ = train.load_samples(train.parse_args([*SMALL, "--eval-dataset", "roleplay_all_test"]), tok, 1)
+    data, val, _ = load_samples("--eval-dataset", "roleplay_all_test")
     assert len(data.samples) == 64 and len(val) == 64  # the test set's first --max-samples records
     with pytest.raises(ValueError, match="--val-size 100 holds out more than all of the 64"):
-        train.load_samples(train.parse_args([*SMALL, "--val-size", "100"]), tok, 1)
+        load_samples("--val-size", "100")
 
 
 @pytest.mark.parametrize("flag, bad", [("--val-size", "-1"), ("--eval-steps", "0"), ("--val-size", "ten")])
@@ -166,11 +173,6 @@ def test_validation_changes_nothing_in_training(tmp_path):
 
 
 # ---------------------------------------------------------------- 2 ranks == 1 process
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_fsdp_ranks_validate_like_one_process(tmp_path):
@@ -200,7 +202,7 @@ def test_the_plot_shows_the_validation_points(tmp_path):
     for name, rows in (("train", train_lines), ("both", train_lines + [{"step": 5, "val_loss": 2.9},
                                                                        {"step": 10, "val_loss": 2.7}])):
         (tmp_path / name).mkdir()
-        (tmp_path / name / rundir.LOG).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        rundir.plot_loss(tmp_path / name / rundir.LOG, tmp_path / name / "training_loss.png")
+        (tmp_path / name / LOG).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        training.plot_loss(tmp_path / name / LOG, tmp_path / name / "training_loss.png")
     png = {name: (tmp_path / name / "training_loss.png").read_bytes() for name in ("train", "both")}
     assert len(png["both"]) > 1000 and png["both"] != png["train"]

@@ -15,7 +15,7 @@ import numpy as np
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 
-from stats import bootstrap_interval, settings, weighted_mean
+from .stats import bootstrap_interval, settings, weighted_mean
 
 jieba.setLogLevel(logging.WARNING)  # jieba prints its dictionary loading on first use
 
@@ -49,11 +49,6 @@ def sample_scores(predict: str, label: str) -> dict[str, float]:
     bleu = sentence_bleu([list(label)], list(predict), smoothing_function=SmoothingFunction().method3)
     scores["bleu-4"] = round(bleu * 100, 4)
     return {k: scores[k] for k in METRICS}
-
-
-def corpus_scores(predicts: list[str], labels: list[str]) -> dict[str, float]:
-    """Mean of the per-sample scores; every metric is 0 for an empty list."""
-    return mean_scores([sample_scores(p, l) for p, l in zip(predicts, labels, strict=True)])
 
 
 def mean_scores(per_sample: list[dict]) -> dict[str, float]:

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from files import read_jsonl, write_text
-from fingerprint import code_fingerprint, made_by_other_code, read_json
-from metrics import METRICS, TITLES, score_stats
-from stats import LEVEL, METHOD, RESAMPLES, SEED, paired_difference, significant
+from runtime.files import read_json, write_text
+
+from .fingerprint import code_fingerprint, made_by_other_code
+from .grid import GRID
+from .metrics import METRICS, TITLES, score_stats
+from .rundir import RUN_JSON, TRAIN_RESULTS, set_metrics, set_scores
+from .stats import LEVEL, METHOD, RESAMPLES, SEED, paired_difference, significant
 
 RUN_COLUMNS = ("id", "method", "target", "layers", "aux")
-BASE_ID = 0  # the row every other row is compared with: the base model (launch.sh)
+BASE_ID = next(row.id for row in GRID if row.method == "none")  # every other row is compared with the base model
 OTHER_CODE = "†"  # marks a run whose numbers came from other code than this checkout's (fingerprint.py)
 ABOVE, BELOW = "▲", "▼"  # the paired interval of the difference from run 0 lies above / below 0
 LEGEND = (
@@ -45,13 +48,12 @@ def read_runs(runs_dir: Path, datasets: list[str], code: str | None = None) -> l
     checkout's); run["vs_base"][set][key] = (mean difference from run 0, low, high) where both have scores."""
     code = code or code_fingerprint()
     runs = []
-    for run_json in runs_dir.glob("*/run.json"):
+    for run_json in runs_dir.glob(f"*/{RUN_JSON}"):
         run = json.loads(run_json.read_text(encoding="utf-8"))
         run["dir"] = run_json.parent
-        run["metrics"] = {name: read_json(run_json.parent / "eval" / name / "metrics.json") for name in datasets}
-        scores = [run_json.parent / "eval" / name / "scores.jsonl" for name in datasets]
-        run["scores"] = {name: read_jsonl(f) if f.is_file() else None for name, f in zip(datasets, scores)}
-        train = read_json(run_json.parent / "train_results.json") if run.get("method", "none") != "none" else None
+        run["metrics"] = {name: set_metrics(run["dir"], name) for name in datasets}
+        run["scores"] = {name: set_scores(run["dir"], name) for name in datasets}
+        train = read_json(run["dir"] / TRAIN_RESULTS) if run.get("method", "none") != "none" else None
         run["other_code"] = made_by_other_code(train, list(run["metrics"].values()), code)
         runs.append(run)
     runs.sort(key=lambda r: (int(r["id"]), r.get("seed", 42)))

@@ -11,7 +11,6 @@ beside a LoRA adapter's safetensors file, the same tensors under the same keys, 
 `load_adapter` also reads LoRA adapters written by PEFT (no adapter.json; `.safetensors` or `.bin`)
 and P-Tuning v2 checkpoints of the reference code (prefix length and projection read off the shapes).
 """
-import hashlib
 import json
 import os
 import re
@@ -23,10 +22,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from files import write_json, writing
 from model.loader import read_shard
+from runtime.files import digest, write_json, writing
 
-from .dispatch import METHODS, AdapterSpec, attach_adapter, trainable_state_dict
+from .dispatch import METHODS, AdapterSpec, apply_adapter, trainable_state_dict
 from .lora import PEFT_PREFIX
 
 ARCH_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size",
@@ -39,8 +38,7 @@ PREFIX_KEY = "transformer.prefix_encoder."
 
 def base_model_id(config) -> str:
     """A short sha1 of the fields that decide the weights' shapes and meaning (not pre_seq_len)."""
-    arch = {k: getattr(config, k) for k in ARCH_FIELDS}
-    return hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(arch_of(config), "sha1")
 
 
 def describe_base(arch: dict) -> str:
@@ -67,12 +65,12 @@ def weights_hash(model: nn.Module, names: list[str]) -> str:
     """sha256 of up to 4096 evenly spaced values of each tensor, rounded to bfloat16 (so that the same checkpoint
     loaded in bf16, fp16 or fp32 gives the same hash)."""
     params = dict(model.named_parameters())
-    h = hashlib.sha256()
+    parts = []
     for name in names:
         t = params[name].detach().flatten()
         sample = t[::max(1, t.numel() // 4096)][:4096].to("cpu", torch.bfloat16).float()
-        h.update(name.encode() + sample.numpy().tobytes())
-    return h.hexdigest()[:16]
+        parts.append(name.encode() + sample.numpy().tobytes())
+    return digest(b"".join(parts))
 
 
 def check_base_weights(model: nn.Module, adapter_dir, force: bool = False):
@@ -93,29 +91,34 @@ def check_base_weights(model: nn.Module, adapter_dir, force: bool = False):
 
 # ---------------------------------------------------------------- saving
 
-def save_adapter(model: nn.Module, spec: AdapterSpec, out_dir, base_model_name: str | None = None) -> Path:
-    """Write the model's trainable tensors and the settings to `out_dir`.
+def save_adapter(model: nn.Module, spec: AdapterSpec, out_dir) -> Path:
+    """Write the model's trainable tensors and the settings to `out_dir` (write_adapter)."""
+    tensors = {k: t.to("cpu").contiguous() for k, t in trainable_state_dict(model).items()}
+    if not tensors:
+        raise ValueError("the model has no trainable tensors to save: call apply_adapter first "
+                         "(a merged LoRA model is a full model: save it with model.loader.save_model)")
+    if next(iter(tensors.values())).device.type == "meta":
+        raise ValueError("the model is on the meta device (a dry run): there are no weights to save")
+    return write_adapter(tensors, spec, model.config, base_weights(model), out_dir)
+
+
+def write_adapter(tensors: dict, spec: AdapterSpec, config, weights: dict | None, out_dir) -> Path:
+    """The trained `tensors` (model key names, on the CPU), the settings and the base's identity (its config and
+    the `base_weights` fingerprint `weights`) into `out_dir`.
 
     The files are written to a temp directory inside `out_dir`, then moved in one by one with
     `adapter.json` last, so a directory with adapter.json is complete. Other files in `out_dir`
     (logs, run.json) are left alone; adapter files of an earlier save are replaced, a LoRA adapter's
     adapter_model.bin (write_peft_bin) by one with the new tensors, any other method's by nothing.
     """
-    tensors = {k: t.to("cpu").contiguous() for k, t in trainable_state_dict(model).items()}
-    if not tensors:
-        raise ValueError("the model has no trainable tensors to save: call apply_adapter first "
-                         "(a merged LoRA model is a full model: save it with model.save_checkpoint)")
-    if next(iter(tensors.values())).device.type == "meta":
-        raise ValueError("the model is on the meta device (a dry run): there are no weights to save")
-    weights = getattr(model, "base_weights", None) or base_weights(model)  # train.py sets it before sharding
     meta = {"method": spec.method, "settings": spec.to_dict(),
-            "base_model": {"id": base_model_id(model.config), **arch_of(model.config), "weights": weights}}
+            "base_model": {"id": base_model_id(config), **arch_of(config), "weights": weights}}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors, beside = METHODS[spec.method].to_files(model, spec, tensors, base_model_name)
+    tensors, beside = METHODS[spec.method].to_files(config, spec, tensors)
     with writing(tmp / WEIGHTS):
         for name, content in beside.items():
             write_json(tmp / name, content)
@@ -252,8 +255,9 @@ def read_reference_ptuning(file: Path, keys: list[str]) -> AdapterSpec:
 # ---------------------------------------------------------------- loading
 
 @torch.no_grad()
-def copy_weights(model: nn.Module, file: Path):
-    """Copy an adapter file into the model's trainable tensors: exactly those keys, with their shapes."""
+def load_weights(model: nn.Module, file: Path):
+    """An adapter file's tensors into the model's trainable tensors (the adapter applied already): exactly
+    those keys, with their shapes, each taking the dtype of the tensor it fills."""
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     keys = {model_key(k) for k in weight_keys(file)}
@@ -282,9 +286,9 @@ def load_adapter(model: nn.Module, adapter_dir, force: bool = False) -> AdapterS
     """
     spec, file = read_adapter(adapter_dir, model.config)
     try:
-        attach_adapter(model, spec)
+        apply_adapter(model, spec)
     except ValueError as e:
         raise ValueError(f"{adapter_dir}: cannot apply this adapter to the model: {e}") from e
     check_base_weights(model, adapter_dir, force)
-    copy_weights(model, file)
+    load_weights(model, file)
     return spec

@@ -1,10 +1,13 @@
-"""Files every part writes: JSON, text and directories replaced atomically, append-only JSON lines.
+"""Files every part writes and reads: JSON, text and directories replaced atomically, JSON lines, and the
+digests that identify files and settings.
 
 A reader never sees half a file: text goes to `<name>.tmp` and is renamed over the target; a directory
-is built under a temporary name and swapped in by `replace_dir`. A write that fails is an OSError naming the
-path (`writing`), and `explain` turns it into the one line the scripts print.
+is built under a temporary name and swapped in by `replace_dir`; JSON lines are appended a whole line at a
+time. A write that fails is an OSError naming the path (`writing`), and `explain` turns it into the one line
+the scripts print.
 """
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +28,18 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_json(path) -> dict | None:
+    """A JSON file's content, or None where it is missing or unreadable (a result not written yet)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def jsonl_line(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
 def read_jsonl(path) -> list[dict]:
     """Records of a jsonl file; a line cut short by an interrupted write is ignored."""
     out = []
@@ -37,12 +52,37 @@ def read_jsonl(path) -> list[dict]:
     return out
 
 
-def append_jsonl(path, row: dict):
-    """One line, flushed to disk: a log that survives a kill up to its last whole line."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+def write_jsonl(path, rows: list[dict]):
+    """Atomic, like write_text: one record per line."""
+    write_text(path, "".join(jsonl_line(r) for r in rows))
+
+
+def append_jsonl(path, rows: list[dict]):
+    """Whole lines, flushed to disk: a log that survives a kill up to its last whole line. A line an
+    interrupted write left unfinished stays alone on its line (read_jsonl skips it)."""
+    with open(path, "a+", encoding="utf-8") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":
+                f.write("\n")
+        f.write("".join(jsonl_line(r) for r in rows))
         f.flush()
         os.fsync(f.fileno())
+
+
+def digest(content, algorithm: str = "sha256", length: int = 16) -> str:
+    """The first `length` hex digits of the hash of `content`: bytes as they are, anything else as canonical
+    JSON (sorted keys), so that equal settings give equal digests."""
+    if not isinstance(content, bytes):
+        content = json.dumps(content, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.new(algorithm, content).hexdigest()[:length]
+
+
+def file_digest(path, algorithm: str = "sha256") -> str:
+    """The whole hex digest of a file's bytes, read in blocks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def replace_dir(tmp: Path, out_dir: Path):

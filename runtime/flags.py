@@ -1,6 +1,8 @@
-"""argparse types that check a number when it is parsed, so that a flag which would silently do the wrong
-thing (`--max-steps -5`, `--batch-size 0`, `--top-p 2`) stops at once with argparse's usage error."""
+"""Flags: argparse types that check a number when it is parsed, so that a flag which would silently do the wrong
+thing (`--max-steps -5`, `--batch-size 0`, `--top-p 2`) stops at once with argparse's usage error; and typed
+settings read once from the parsed flags (`from_flags`), so that a function receives the fields it uses."""
 import argparse
+from dataclasses import fields
 
 
 def number(kind=int, low=None, high=None, low_open=False, high_open=False):
@@ -25,3 +27,8 @@ POSITIVE = number(float, low=0, low_open=True)
 NON_NEGATIVE = number(float, low=0)
 PROBABILITY = number(float, low=0, high=1, low_open=True)  # (0, 1]
 DROPOUT = number(float, low=0, high=1, high_open=True)  # [0, 1)
+
+
+def from_flags(cls, args: argparse.Namespace):
+    """A settings dataclass from the parsed flags of the same names."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})

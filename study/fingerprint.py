@@ -1,42 +1,38 @@
 """What a number depends on, as short hashes, so that a result made by other code or for another adapter is
 recognised instead of being shown as current.
 
-    code      our code that computes a number (the files in CODE) and the versions of the libraries it runs on
+    code      our code (the scripts at the root and every package beside them: code_files) and the versions
+              of the libraries it runs on
     data      the dataset files read and their dataset_info.json entries
     adapter   sha256 of each adapter file of the run directory
     settings  the arguments that decide the numbers
 
 train.py writes {"code", "data", "settings"} into train_results.json, evaluate.py {"code", "data", "adapter",
 "settings"} into every metrics.json, both with the git commit. results.py marks rows whose code differs from this
-checkout; launch.sh asks, per run:
+checkout; launch.sh asks, per run (python -m study next NAME): run_needs -> train | eval | stale | done.
 
-    python -m fingerprint RUN_DIR [--rerun-stale]   # -> train | eval | stale | done
-
-Imports no torch: the launcher calls it once per run.
+Imports no torch: the launcher asks once per run.
 """
-import hashlib
-import json
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
-# Files whose change can change a trained weight, a generated token or a score. Not results.py (it only formats)
-# nor the benches and tests.
-CODE = ("model/*.py", "adapters/*.py", "data/*.py", "train.py", "rundir.py", "runtime.py", "files.py",
-        "evaluate.py", "metrics.py", "stats.py")
+from runtime.files import digest, file_digest, read_json
+
+from .grid import EVAL_SETS
+from .rundir import RUN_JSON, TRAIN_RESULTS, set_metrics
+
+REPO = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torch", "numpy", "sentencepiece", "safetensors", "jieba", "rouge-chinese", "nltk")
-EVAL_SETS = ("roleplay_all_test", "alpaca_gpt4_zh")  # launch.sh's evaluation sets
 
 
-def short_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def file_sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def code_files(root: Path = REPO) -> list[Path]:
+    """The code a number can depend on: the Python scripts at the root and the modules of every package beside
+    them (a folder with __init__.py: model, adapters, data, runtime, study), not their subfolders (data/demo's
+    generator: the data fingerprint covers what it made). Not bench/ or tests/ (no __init__.py)."""
+    packages = [p.parent for p in Path(root).glob("*/__init__.py")]
+    return sorted([*Path(root).glob("*.py"), *(f for pkg in packages for f in pkg.glob("*.py"))])
 
 
 def library_versions() -> dict:
@@ -50,23 +46,22 @@ def library_versions() -> dict:
 
 
 def code_fingerprint(root: Path = REPO) -> str:
-    """The CODE files' contents (by path relative to `root`) and the library versions."""
-    files = sorted(p for pattern in CODE for p in Path(root).glob(pattern))
-    return short_hash({"files": {p.relative_to(root).as_posix(): file_sha256(p) for p in files},
-                       "versions": library_versions()})
+    """The code files' contents (by path relative to `root`) and the library versions."""
+    return digest({"files": {p.relative_to(root).as_posix(): file_digest(p) for p in code_files(root)},
+                   "versions": library_versions()})
 
 
 def data_fingerprint(dataset_dir, names) -> str:
     """The registered files of `names` in `dataset_dir` and their dataset_info.json entries."""
     from data.registry import dataset_file, read_dataset_info
     info = read_dataset_info(dataset_dir)
-    return short_hash({n: [info.get(n), file_sha256(dataset_file(n, dataset_dir, info))] for n in names})
+    return digest({n: [info.get(n), file_digest(dataset_file(n, dataset_dir, info))] for n in names})
 
 
 def adapter_sha256(checkpoint_dir) -> dict:
     """name -> sha256 of every adapter file (adapter.json, adapter_model.*, adapter_config.json) of a run."""
     files = sorted(p for p in Path(checkpoint_dir).iterdir() if p.name.startswith("adapter") and p.is_file())
-    return {p.name: file_sha256(p) for p in files}
+    return {p.name: file_digest(p) for p in files}
 
 
 def git_commit() -> tuple[str | None, bool | None]:
@@ -81,13 +76,6 @@ def git_commit() -> tuple[str | None, bool | None]:
     return commit, dirty
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def other_code(record: dict | None, code: str) -> bool:
     """True when a train_results.json / metrics.json was made by other code (or before fingerprints existed)."""
     return (record or {}).get("fingerprint", {}).get("code") != code
@@ -100,15 +88,15 @@ def run_needs(run_dir: Path, rerun_stale: bool = False, code: str | None = None)
     (finished, by other code) or 'done'."""
     code = code or code_fingerprint()
     trained = (run_dir / "adapter.json").is_file() or (run_dir / "adapter_config.json").is_file()
-    base_row = (read_json(run_dir / "run.json") or {}).get("method") == "none"
-    train = None if base_row else read_json(run_dir / "train_results.json")
+    base_row = (read_json(run_dir / RUN_JSON) or {}).get("method") == "none"
+    train = None if base_row else read_json(run_dir / TRAIN_RESULTS)
     if not base_row and (train is None or not trained or (rerun_stale and other_code(train, code))):
         return "train"
-    scores = [read_json(run_dir / "eval" / name / "metrics.json") for name in EVAL_SETS]
+    scores = [set_metrics(run_dir, name) for name in EVAL_SETS]
     if any(m is None for m in scores):
         return "eval"
     adapter = None if base_row else adapter_sha256(run_dir)
-    if any((m.get("checkpoint") or {}).get("sha256") != adapter for m in scores):
+    if any((m.get("adapter") or {}).get("sha256") != adapter for m in scores):
         return "eval"
     if made_by_other_code(train, scores, code):
         return "eval" if rerun_stale else "stale"
@@ -119,8 +107,3 @@ def made_by_other_code(train: dict | None, scores: list[dict | None], code: str)
     """A run's numbers came from other code when its training (None: no training) or any of its scores did."""
     return (train is not None and other_code(train, code)) or any(other_code(m, code) for m in scores if m)
 
-
-if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] != "--rerun-stale"):
-        sys.exit("usage: python -m fingerprint RUN_DIR [--rerun-stale]")
-    print(run_needs(Path(sys.argv[1]), rerun_stale=len(sys.argv) == 3))

@@ -1,34 +1,13 @@
-"""What train.py, evaluate.py and the benchmarks share about the process they run in: precision names,
-the torchrun set-up, collectives on Python objects, the RNG state, peak memory."""
+"""The process a command runs in: the torchrun set-up, printing once, collectives on Python objects, the RNG
+state a training step draws from, peak memory."""
 import os
 import random
 import sys
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DEMO_MODEL = Path("runs") / "base-model"  # where `bash launch.sh` puts the demo's base model (from the repo root)
-MODEL_HELP = ("checkpoint directory (released ChatGLM-6B layout) or a preset ('tiny': random weights). Unset: $MODEL, "
-              f"else {DEMO_MODEL} (the demo's base model that `bash launch.sh` trains), else 'tiny'")
-
-
-def resolve_model(model: str | None) -> tuple[str, str | None]:
-    """The model a script runs on: --model, else $MODEL (e.g. the downloaded ChatGLM-6B directory), else the demo's
-    base model, else the `tiny` preset. -> (it, None when --model was given, else a line saying which was taken)."""
-    if model is not None:
-        return model, None
-    if os.environ.get("MODEL"):
-        return os.environ["MODEL"], f"model: $MODEL = {os.environ['MODEL']}"
-    repo = Path(__file__).resolve().parent
-    if (repo / DEMO_MODEL / "config.json").is_file():
-        path = DEMO_MODEL if (Path.cwd() / DEMO_MODEL).resolve() == repo / DEMO_MODEL else repo / DEMO_MODEL
-        return str(path), f"model: {path}, the demo's base model (no --model, no $MODEL)"
-    return "tiny", (f"model: the 'tiny' preset with random weights (no --model, no $MODEL, no {DEMO_MODEL}: "
-                    "`bash launch.sh` trains the demo's base model there)")
 
 
 def say_once(text: str):
@@ -58,6 +37,15 @@ def all_gather(obj, world: int) -> list:
         return [obj]
     out = [None] * world
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather(obj, rank: int, world: int) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0; None on the other ranks (a collective when world > 1)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
     return out
 
 

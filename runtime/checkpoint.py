@@ -1,0 +1,99 @@
+"""Training-state checkpoints: everything an optimizer step depends on, so that a resumed run repeats the
+uninterrupted one bit for bit.
+
+    DIR/step-N/                 one checkpoint, built as step-N.tmp and renamed; the last KEEP are kept
+        (the trained weights)   written by the caller's function (train.py: the adapter's files)
+        optimizer.pt            the optimizer state as one plain dict (FSDP2: gathered on rank 0)
+        trainer_state.pt        written last, so that its presence marks a complete checkpoint:
+                                the loop's counters (train.py's Progress), "scheduler", "scaler",
+                                "rng" (every rank's generators, in rank order), "world_size"
+
+The data position follows from the step.
+"""
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .files import replace_dir, writing
+from .process import all_gather, rng_state, set_rng_state
+
+OPTIMIZER, STATE = "optimizer.pt", "trainer_state.pt"
+KEEP = 2
+
+
+def steps(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step-N directory, oldest first (complete or not)."""
+    return sorted((int(m.group(1)), p) for p in Path(directory).glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name)))
+
+
+def latest(directory: Path) -> Path | None:
+    """The latest complete checkpoint in `directory`, or None."""
+    done = [p for _, p in steps(directory) if (p / STATE).is_file()]
+    return done[-1] if done else None
+
+
+def trainable_state(model) -> dict:
+    """name -> full CPU tensor of every trainable parameter. Under FSDP2 a collective: every rank calls it."""
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.full_tensor() if hasattr(p, "full_tensor") else p
+            state[name] = t.detach().to("cpu", copy=True)
+    return state
+
+
+def optimizer_state(model, optimizer, fsdp: bool) -> dict:
+    """The optimizer state as one plain dict on rank 0 (FSDP2: gathered from the shards; a collective)."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, file: Path, fsdp: bool, master: bool):
+    """FSDP2: rank 0 reads the one plain file and the shards are scattered from it."""
+    if not fsdp:
+        optimizer.load_state_dict(torch.load(file, weights_only=True))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = torch.load(file, weights_only=True) if master else {}
+    set_optimizer_state_dict(model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def save(directory: Path, step: int, write_weights, model, optimizer, scheduler, scaler, counters: dict,
+         fsdp: bool, rank: int, world: int, device):
+    """directory/step-N/. A collective: every rank calls it; rank 0 writes, `write_weights(dir)` included."""
+    optim = optimizer_state(model, optimizer, fsdp)
+    rngs = all_gather(rng_state(device), world)
+    if rank == 0:
+        write(directory, step, write_weights, optim, {**counters, "scheduler": scheduler.state_dict(),
+                                                      "scaler": scaler.state_dict(), "rng": rngs, "world_size": world})
+
+
+def write(directory: Path, step: int, write_weights, optim: dict, state: dict):
+    """Rank 0: directory/step-N/ via a temp dir and one rename; a kill meanwhile leaves the older ones intact."""
+    final = Path(directory) / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with writing(tmp):
+        write_weights(tmp)
+        torch.save(optim, tmp / OPTIMIZER)
+        torch.save(state, tmp / STATE)  # last: marks the checkpoint complete
+    replace_dir(tmp, final)
+    for _, old in steps(directory)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(checkpoint: Path, model, optimizer, scheduler, scaler, fsdp: bool, rank: int, device) -> dict:
+    """The optimizer, schedule, loss scaler and this rank's generators as they were after the checkpoint's step
+    (the trained weights are the caller's); -> the loop's counters that `save` was given."""
+    state = torch.load(checkpoint / STATE, weights_only=False)  # our own file: RNG tuples
+    load_optimizer_state(model, optimizer, checkpoint / OPTIMIZER, fsdp, rank == 0)
+    scheduler.load_state_dict(state.pop("scheduler"))
+    scaler.load_state_dict(state.pop("scaler"))
+    set_rng_state(state.pop("rng")[rank], device)
+    state.pop("world_size")
+    return state

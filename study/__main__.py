@@ -1,0 +1,81 @@
+"""What launch.sh asks of the study: its runs and their commands, and what a run still needs.
+
+    python -m study commands [IDS]             # every chosen run's commands, for reading (launch.sh --dry-run)
+    python -m study plan [IDS]                 # the same for launch.sh: tab-separated lines (below)
+    python -m study next NAME [--rerun-stale]  # -> train --resume | train --overwrite | eval | stale | done
+
+The grid comes from launch.sh's environment (MODEL, DATA_DIR, NPROC, PARALLEL, RUNS, SEEDS, TRAIN_EXTRA,
+EVAL_EXTRA, PY; study/grid.py). `plan` prints `runs DIR` and `lanes N`, then `base TRAIN SAVE` where the demo's
+base model is still to be made,
+then `run NAME DIR TRAIN EVAL` per run ("-" for no command). `next` writes the run's run.json when it has work.
+A bad id or setting is one line on stderr, exit 2. `commands` imports no torch.
+"""
+import os
+import sys
+from pathlib import Path
+
+from .grid import Plan, count
+
+
+def plan_runs(args: list[str]) -> tuple[Plan, list]:
+    ids = []
+    for a in args:
+        if not a.isdigit():
+            raise ValueError(f"unknown argument '{a}' (ids are 0-22; --dry-run, --rerun-stale)")
+        ids.append(int(a))
+    plan = Plan.from_env()
+    return plan, plan.runs(ids, count(os.environ, "SEEDS", 1))
+
+
+def commands(args: list[str]):
+    plan, runs = plan_runs(args)
+    if plan.demo:
+        print("# base model for the demo: tiny ChatGLM trained on the general-knowledge data")
+        print(*plan.base_model(), sep="\n")
+    for run in runs:
+        print(f"# {run.row.id}: {run.name}")
+        print(*[c for c in (run.train, run.evaluate) if c], sep="\n")
+
+
+def plan_lines(args: list[str]):
+    plan, runs = plan_runs(args)
+    print(f"runs\t{plan.runs_dir}\nlanes\t{plan.lanes}")
+    if plan.demo and not (Path(plan.model) / "config.json").is_file():  # the demo's base model is not made yet
+        print("base\t" + "\t".join(plan.base_model()))
+    for run in runs:
+        print("\t".join(("run", run.name, str(run.dir), run.train or "-", run.evaluate)))
+
+
+def next_step(args: list[str]):
+    """Decide what a run needs (study.fingerprint.run_needs); with work to do, (re)write its run.json."""
+    from runtime.files import write_json
+
+    from .fingerprint import run_needs
+    from .rundir import RUN_JSON, TRAIN_RESULTS
+
+    if not args or args[1:] not in ([], ["--rerun-stale"]):
+        raise ValueError("usage: python -m study next NAME [--rerun-stale]")
+    _, runs = plan_runs([])
+    run = next((r for r in runs if r.name == args[0]), None)
+    if run is None:
+        raise ValueError(f"{args[0]}: no run of this grid has that name")
+    what = run_needs(run.dir, rerun_stale=len(args) == 2)
+    if what == "train":
+        # a run finished by other code starts over; anything else continues from its latest checkpoint
+        what = "eval" if not run.train else "train --overwrite" if (run.dir / TRAIN_RESULTS).is_file() \
+            else "train --resume"
+    if what not in ("done", "stale"):
+        run.dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.dir / RUN_JSON, run.record())
+    print(what)
+
+
+if __name__ == "__main__":
+    verbs = {"commands": commands, "plan": plan_lines, "next": next_step}
+    if len(sys.argv) < 2 or sys.argv[1] not in verbs:
+        sys.exit(f"usage: python -m study {{{','.join(verbs)}}} ...")
+    try:
+        verbs[sys.argv[1]](sys.argv[2:])
+    except ValueError as e:
+        print(f"launch.sh: {e}", file=sys.stderr)
+        sys.exit(2)
