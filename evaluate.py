@@ -363,7 +363,8 @@ def tokens_per_s(tokens: int, seconds: float) -> float | None:
 
 
 def fingerprints(identity: dict, name: str, selection: dict, generation: dict, nll_lengths: dict | None) -> dict:
-    """What these scores depend on (fingerprint.py); results.py and launch.sh compare "code" with the checkout's."""
+    """What these scores depend on (study/fingerprint.py); the table and launch.sh compare "code" with the
+    checkout's."""
     adapter = identity["adapter"]
     decisive = {k: v for k, v in generation.items() if k not in ("batch_size", "world_size")}
     return {"code": code_fingerprint(), "data": data_fingerprint(selection["dataset_dir"], [name]),

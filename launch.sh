@@ -101,8 +101,8 @@ report() {  # NAME SECONDS|- MESSAGE...: the progress line of a finished row ("-
 }
 
 # one run, as python -m study next says: train (resuming or over again) and evaluate, evaluate again, or skip
-do_run() {  # NAME DIR TRAIN_COMMAND EVAL_COMMAND
-    local name=$1 dir=$2 train=$3 eval=$4 what mode t0
+do_run() {  # NAME TRAIN_COMMAND EVAL_COMMAND TRAIN_LOG EVAL_LOG
+    local name=$1 train=$2 eval=$3 train_log=$4 eval_log=$5 what mode t0
     read -r what mode < <("$PY" -m study next "$name" $RERUN) \
         || { echo "[launch] $name: python -m study next $name failed" >&2; return 1; }
     case "$what" in
@@ -112,27 +112,27 @@ do_run() {  # NAME DIR TRAIN_COMMAND EVAL_COMMAND
     esac
     t0=$(date +%s)
     if [ "$what" = train ]; then
-        echo "[launch] $name: training$([ "$mode" = --overwrite ] && echo " again (finished by other code)"), log $dir/train.log"
-        attempt "$dir/train.log" $train $mode || {
-            report "$name" $(($(date +%s) - t0)) "training failed, see $dir/train.log" >&2; return 1; }
+        echo "[launch] $name: training$([ "$mode" = --overwrite ] && echo " again (finished by other code)"), log $train_log"
+        attempt "$train_log" $train $mode || {
+            report "$name" $(($(date +%s) - t0)) "training failed, see $train_log" >&2; return 1; }
     fi
-    echo "[launch] $name: evaluating, log $dir/eval.log"
-    attempt "$dir/eval.log" $eval || {
-        report "$name" $(($(date +%s) - t0)) "evaluation failed, see $dir/eval.log" >&2; return 1; }
+    echo "[launch] $name: evaluating, log $eval_log"
+    attempt "$eval_log" $eval || {
+        report "$name" $(($(date +%s) - t0)) "evaluation failed, see $eval_log" >&2; return 1; }
     report "$name" $(($(date +%s) - t0)) "done in $(hms $(($(date +%s) - t0)))"
 }
 
 lane() {  # $1 = lane index: runs every PARALLEL-th run on its own GPUs / CPU thread
-    local k=0 status=0 kind name dir train eval
+    local k=0 status=0 kind name dir train eval train_log eval_log
     if [ "$GPUS" -gt 0 ]; then
         export CUDA_VISIBLE_DEVICES=$(seq -s, $(($1 * NPROC)) $(($1 * NPROC + NPROC - 1)))
     elif [ "$PARALLEL" -gt 1 ]; then
         export OMP_NUM_THREADS=1
     fi
-    while IFS=$'\t' read -r kind name dir train eval; do
+    while IFS=$'\t' read -r kind name dir train eval train_log eval_log; do
         [ "$kind" = run ] || continue
         [ "$train" = - ] && train=""
-        [ $((k % PARALLEL)) -eq "$1" ] && { do_run "$name" "$dir" "$train" "$eval" || status=1; }
+        [ $((k % PARALLEL)) -eq "$1" ] && { do_run "$name" "$train" "$eval" "$train_log" "$eval_log" || status=1; }
         k=$((k + 1))
     done <<<"$PLAN"
     return $status
@@ -156,15 +156,16 @@ interrupted() {
 }
 trap interrupted INT TERM HUP
 
-if grep -q '^base' <<<"$PLAN"; then  # the demo's base model: trained (resuming), its progress bar on screen; saved
-    IFS=$'\t' read -r _ BASE_TRAIN BASE_SAVE < <(grep '^base' <<<"$PLAN")
+if grep -q $'^base\t' <<<"$PLAN"; then  # the demo's base model: trained (resuming), its progress bar on screen; saved
+    IFS=$'\t' read -r _ BASE_TRAIN BASE_SAVE < <(grep $'^base\t' <<<"$PLAN")
+    BASE_LOG=$(field base_log)
     base_model() {
-        header "$RUNS/base-train.log" $BASE_TRAIN --resume
-        $BASE_TRAIN --resume 2>&1 | tee -a "$RUNS/base-train.log"
+        header "$BASE_LOG" $BASE_TRAIN --resume
+        $BASE_TRAIN --resume 2>&1 | tee -a "$BASE_LOG"
     }
     echo "[launch] training the demo's base model (tiny ChatGLM on the bundled general-knowledge data)"
     in_group base_model
-    wait $! || { echo "[launch] base training failed: $RUNS/base-train.log" >&2; exit 1; }
+    wait $! || { echo "[launch] base training failed: $BASE_LOG" >&2; exit 1; }
     $BASE_SAVE
 fi
 

@@ -13,7 +13,7 @@ the sum of float32 token cross-entropies over the number of label tokens of the 
 Validation (--val-size held-out records, --eval-dataset sets) runs every --eval-steps steps in eval mode and
 without grad: it draws no random number and touches no gradient, so the training is the same with it or without.
 
-Read top to bottom: the arguments, the samples and their order, the model and its adapter, the loss,
+Read top to bottom: the settings and their flags, the samples and their order, the model and its adapter,
 distributed wrapping and the optimizer, one optimizer step (forward_backward, optimizer_step), validation,
 the safety nets, and the loop (train). The run directory, the loop's Progress and its checkpoints are
 study/training.py.
@@ -218,7 +218,8 @@ def add_output_args(p):
                    help="checkpoint every N steps (and at the end); 0: end only")
     g.add_argument("--save-minutes", type=NON_NEGATIVE, default=o.save_minutes,
                    help="also checkpoint when this many minutes of training passed since the last checkpoint; 0: off")
-    g.add_argument("--logging-steps", type=COUNT, default=o.logging_steps, help="a trainer_log.jsonl line every N steps")
+    g.add_argument("--logging-steps", type=COUNT, default=o.logging_steps,
+                   help="a trainer_log.jsonl line every N steps")
     g.add_argument("--plot-loss", action="store_true", help="write training_loss.png")
     g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint, if any")
     g.add_argument("--overwrite", action="store_true", help="replace a different run in --output-dir")
@@ -483,7 +484,8 @@ def validate(trainer: Trainer, batches: list[tuple[dict, bool]]) -> float:
     local = torch.zeros(2, dtype=torch.float64, device=trainer.device)  # loss sum, label tokens
     with torch.no_grad(), trainer.autocast:
         for batch, counts in batches:
-            loss_sum = token_loss_sum(trainer.model, batch, trainer.device)  # the model, not DDP's wrapper: no collective
+            # the model, not DDP's wrapper: no collective
+            loss_sum = token_loss_sum(trainer.model, batch, trainer.device)
             if counts:
                 targets = torch.tensor(n_targets(batch["labels"]), dtype=torch.float64, device=trainer.device)
                 local += torch.stack([loss_sum.double(), targets])
@@ -674,7 +676,8 @@ def run_validation(out: Path, trainer: Trainer, batches: list[tuple[dict, bool]]
         tqdm.write(f"step {progress.step}: {progress.val_text()}")
 
 
-def finish(s: Settings, out: Path, trainer: Trainer, progress: training.Progress, steps_per_epoch: int, n_trainable: int):
+def finish(s: Settings, out: Path, trainer: Trainer, progress: training.Progress, steps_per_epoch: int,
+           n_trainable: int):
     """The final adapter beside the logs (write_adapter leaves other files alone), train_results.json, the plot."""
     runtime, train_s = time.time() - progress.t0, progress.train_s()
     save_adapter = training.save_adapter_files(trainer, s.adapter)  # under FSDP2 a collective

@@ -118,7 +118,7 @@ def float32_trainable(model: nn.Module) -> nn.Module:
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors that require grad, under the model's key names (what an adapter checkpoint holds)."""
+    """The tensors that require grad, under the model's key names (what an adapter's files hold)."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 

@@ -1,5 +1,5 @@
-"""Merge an adapter into its base model and write the result as a model directory in the released layout; or write a LoRA
-adapter's weights as PEFT's adapter_model.bin too.
+"""Merge an adapter into its base model and write the result as a model directory in the released layout; or
+write a LoRA adapter's weights as PEFT's adapter_model.bin too.
 
     python -m adapters --model BASE --adapter ADAPTER_DIR --output OUT_DIR [--precision bf16]
     python -m adapters --peft-bin ADAPTER_DIR
@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from model.config import PRESETS
-from model.loader import checkpoint_files, load_config, load_model, read_shard, save_model
+from model.loader import weight_files, load_config, load_model, read_shard, save_model
 from model.tokenizer import DEMO_TOKENIZER
 from runtime.precision import DTYPES
 
@@ -30,7 +30,7 @@ def stored_dtype(base: str) -> torch.dtype:
     """The dtype a model directory stores its weights in (a preset: float32)."""
     if base in PRESETS:
         return torch.float32
-    file = checkpoint_files(Path(base))[0]
+    file = weight_files(Path(base))[0]
     if file.suffix == ".safetensors":
         with safe_open(str(file), framework="pt", device="cpu") as f:
             return f.get_slice(next(iter(f.keys())))[0:1].dtype
@@ -46,7 +46,8 @@ def base_tokenizer(base: str) -> Path | None:
     """The base's ice_text.model, or the bundled demo tokenizer for the 'tiny' preset (None for other presets)."""
     if base == "tiny":
         if not DEMO_TOKENIZER.is_file():
-            raise FileNotFoundError(f"{DEMO_TOKENIZER}: the demo tokenizer is missing (data/demo/make_demo.py builds it)")
+            raise FileNotFoundError(f"{DEMO_TOKENIZER}: the demo tokenizer is missing (data/demo/make_demo.py "
+                                    "builds it)")
         return DEMO_TOKENIZER
     tokenizer = Path(base) / "ice_text.model"
     return tokenizer if base not in PRESETS and tokenizer.is_file() else None

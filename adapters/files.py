@@ -1,4 +1,4 @@
-"""Adapter checkpoints: only the trained tensors, in layouts that other tools read too.
+"""Adapter files: only the trained tensors, in layouts that other tools read too.
 
 An adapter directory holds
 - `adapter.json` (ours): the method, its settings, and the base model's identity;
@@ -9,7 +9,7 @@ An adapter directory holds
 PEFT <= 0.3 reads only `adapter_model.bin`: `write_peft_bin` (`python -m adapters --peft-bin DIR`) writes it
 beside a LoRA adapter's safetensors file, the same tensors under the same keys, and `save_adapter` keeps it in step.
 `load_adapter` also reads LoRA adapters written by PEFT (no adapter.json; `.safetensors` or `.bin`)
-and P-Tuning v2 checkpoints of the reference code (prefix length and projection read off the shapes).
+and P-Tuning v2 weights saved by the reference code (prefix length and projection read off the shapes).
 """
 import json
 import os
@@ -62,7 +62,7 @@ def base_weights(model: nn.Module) -> dict | None:
 
 
 def weights_hash(model: nn.Module, names: list[str]) -> str:
-    """sha256 of up to 4096 evenly spaced values of each tensor, rounded to bfloat16 (so that the same checkpoint
+    """sha256 of up to 4096 evenly spaced values of each tensor, rounded to bfloat16 (so that the same model
     loaded in bf16, fp16 or fp32 gives the same hash)."""
     params = dict(model.named_parameters())
     parts = []
@@ -147,7 +147,7 @@ def write_peft_bin(adapter_dir) -> Path:
     if method not in (None, "lora"):
         raise ValueError(f"{d}: a {METHODS[method].TITLE} adapter; only LoRA adapters have PEFT's layout "
                          "(adapter_config.json), so only they get an adapter_model.bin. Load this one with "
-                         "evaluate.py --checkpoint, or merge it (python -m adapters --model BASE --checkpoint DIR "
+                         "evaluate.py --run, or merge it (python -m adapters --model BASE --adapter DIR "
                          "--output OUT)")
     if not (d / "adapter_config.json").is_file() or not (d / WEIGHTS).is_file():
         raise FileNotFoundError(f"{d}: expected a LoRA adapter (adapter_config.json + {WEIGHTS}, as train.py "
@@ -208,7 +208,7 @@ def read_adapter(adapter_dir, config) -> tuple[AdapterSpec, Path]:
             return read_reference_ptuning(file, keys), file
     raise FileNotFoundError(f"{d}: not an adapter directory. Expected adapter.json (written by train.py), "
                             "adapter_config.json + adapter_model.safetensors/.bin (a PEFT LoRA adapter), or a "
-                            "P-Tuning v2 checkpoint (pytorch_model.bin or *.safetensors with "
+                            "P-Tuning v2 prefix saved by the reference code (pytorch_model.bin or *.safetensors with "
                             f"{PREFIX_KEY}embedding.weight)")
 
 
@@ -243,7 +243,7 @@ def read_peft(d: Path) -> tuple[AdapterSpec, Path]:
 
 
 def read_reference_ptuning(file: Path, keys: list[str]) -> AdapterSpec:
-    """The reference code's P-Tuning v2 checkpoint: pre_seq_len = the embedding's rows; projection = trans.* exist."""
+    """The reference code's P-Tuning v2 weights: pre_seq_len = the embedding's rows; projection = trans.* exist."""
     emb = PREFIX_KEY + "embedding.weight"
     if emb not in keys:
         raise ValueError(f"{file}: has {PREFIX_KEY}* keys but no {emb}")

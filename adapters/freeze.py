@@ -2,7 +2,7 @@
 
 A parameter is trainable when its name contains `layers.{i}.{part}` for a chosen layer i; the
 part is the MLP, the QKV matrix, the attention output, or the whole layer. Nothing is added to
-the model, so a Freeze checkpoint is a subset of the released state dict, under the same keys,
+the model, so a Freeze adapter is a subset of the released state dict, under the same keys,
 and merging it is loading it.
 """
 import torch.nn as nn

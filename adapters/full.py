@@ -1,4 +1,4 @@
-"""Full fine-tuning: every weight of the model trains, and the checkpoint is the whole state dict.
+"""Full fine-tuning: every weight of the model trains, and the adapter is the whole state dict.
 
 Nothing is added to the model; the "adapter" files hold the released key names, so merging it is
 loading it. With several processes, train.py --dist fsdp shards it (FSDP2).

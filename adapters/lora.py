@@ -175,7 +175,8 @@ merge = merge_lora  # the method table's name for it
 
 def to_files(config, spec, tensors: dict) -> tuple[dict, dict]:
     """PEFT's layout: the keys under `base_model.model.`, and adapter_config.json."""
-    return {PEFT_PREFIX + k: t for k, t in tensors.items()}, {"adapter_config.json": peft_config(config.num_layers, spec)}
+    files = {"adapter_config.json": peft_config(config.num_layers, spec)}
+    return {PEFT_PREFIX + k: t for k, t in tensors.items()}, files
 
 
 def peft_config(num_layers: int, spec) -> dict:

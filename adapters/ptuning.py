@@ -4,7 +4,7 @@ The encoder goes into the model's one adapter slot, `model.transformer.prefix_en
 model views its output (B, P, 2*L*H) as (B, P, 2L, n, d) and gives layer l slot 2l as keys and
 2l+1 as values (see model/chatglm.py). Parameter names and default inits are the reference's
 (`transformer.prefix_encoder.embedding.weight`, `...trans.0.*`, `...trans.2.*`; torch defaults:
-Embedding N(0, 1), Linear kaiming-uniform), so its P-Tuning checkpoints load as they are.
+Embedding N(0, 1), Linear kaiming-uniform), so its P-Tuning weights load as they are.
 It cannot be merged: the prefix keys/values are extra inputs of every layer, not a change of any weight.
 """
 import dataclasses

@@ -7,7 +7,7 @@
     python bench/generate.py --model proxy-28 --batch-size 1 8 --quantize int4   # quantized frozen weights
     python bench/generate.py --compare    # CPU: 64 prompts batched with a KV cache vs one at a time without one
 
-Weights are random (a preset) unless --model names a checkpoint directory; the speed does not depend on them.
+Weights are random (a preset) unless --model names a model directory; the speed does not depend on them.
 Prompts are random ids ending [gMASK] <sop>; decoding is greedy and runs every step (no early stop on <eop>),
 so each measurement covers exactly batch x new-tokens generated tokens.
 """

@@ -48,7 +48,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
-                   help=f"a preset ({', '.join(sorted(PRESETS))}) or a checkpoint directory (its config; random "
+                   help=f"a preset ({', '.join(sorted(PRESETS))}) or a model directory (its config; random "
                         "weights); default: the custom config of --hidden etc. with the released vocabulary")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--num-layers", type=int, default=4)

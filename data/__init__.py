@@ -36,7 +36,8 @@ def add_data_args(parser):
     """The data flags shared by train.py, evaluate.py and `python -m data` (DataSettings)."""
     d = DataSettings
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default=d.dataset, help="comma-separated dataset names registered in DIR/dataset_info.json")
+    g.add_argument("--dataset", default=d.dataset,
+                   help="comma-separated dataset names registered in DIR/dataset_info.json")
     g.add_argument("--dataset-dir", default=d.dataset_dir,
                    help="directory with dataset_info.json (the bundled demo data unless given)")
     g.add_argument("--max-samples", type=COUNT, default=d.max_samples,
@@ -53,6 +54,6 @@ def add_data_args(parser):
     return parser
 
 
-__all__ = ["DEMO_DIR", "RESERVED_STRINGS", "DataError", "DataSettings", "add_data_args", "build_eval_samples", "build_prompt",
-           "collate_train", "encode_prompt", "encode_records", "encode_train", "format_report", "global_batches",
-           "hold_out", "load_records", "rank_share", "read_dataset_info"]
+__all__ = ["DEMO_DIR", "RESERVED_STRINGS", "DataError", "DataSettings", "add_data_args", "build_eval_samples",
+           "build_prompt", "collate_train", "encode_prompt", "encode_records", "encode_train", "format_report",
+           "global_batches", "hold_out", "load_records", "rank_share", "read_dataset_info"]

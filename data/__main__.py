@@ -32,7 +32,7 @@ def render(tokenizer, input_ids: list[int], labels: list[int]) -> str:
 def main(argv=None) -> int:
     parser = add_data_args(argparse.ArgumentParser(prog="python -m data", description=__doc__,
                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
-    parser.add_argument("--model", default="tiny", help="preset or checkpoint dir whose tokenizer counts tokens")
+    parser.add_argument("--model", default="tiny", help="preset or model dir whose tokenizer counts tokens")
     parser.add_argument("--seed", type=int, default=42, help="mixing seed (the rendered sample is the first)")
     args = parser.parse_args(argv)
     try:

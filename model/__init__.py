@@ -3,7 +3,7 @@
     config.py      the shape and special-token ids: ChatGLMConfig, PRESETS (plain Python, no torch)
     chatglm.py     the network: 2D rotary, prefix-LM attention, the block, the static KV cache, the output layer
     loss.py        the training loss (output layer + cross-entropy fused by chunks) and its label conventions
-    loader.py      a checkpoint directory or preset -> model, shard by shard; save_model writes the released layout
+    loader.py      a model directory or preset -> model, shard by shard; save_model writes the released layout
     tokenizer.py   ice_text.model with the reference's newline / tab / space preprocessing
     generate.py    left padding, prefill, a compilable decode step, greedy or top-p sampling
     quant.py       int8 / int4 frozen Linear weights

@@ -1,6 +1,6 @@
 """ChatGLM-6B in one file: 2D rotary, prefix-LM attention, the block, the model (its config: config.py).
 
-Module names follow the released checkpoint (`transformer.layers.{i}.attention.query_key_value`, ...)
+Module names follow the released model's weights (`transformer.layers.{i}.attention.query_key_value`, ...)
 so a released state dict loads with `copy_` key by key and adapter key names follow for free.
 The numbers this file must reproduce are written down in `../shared/docs/chatglm6b.md`.
 """
@@ -18,7 +18,7 @@ from .loss import linear_cross_entropy
 
 # The residual scale is sqrt(2 * 28) for every model, whatever its depth: the reference's GLMBlock takes
 # `num_layers=28` as a default argument that its ChatGLMModel never passes. For ChatGLM-6B (28 layers)
-# this is the documented sqrt(2 L); for smaller test checkpoints it is what the reference computes.
+# this is the documented sqrt(2 L); for smaller test models it is what the reference computes.
 REFERENCE_ALPHA_LAYERS = 28
 
 
@@ -241,7 +241,7 @@ class Transformer(nn.Module):
         # size B to prefix keys/values (B, P, 2*L*H). The base model leaves it empty.
         self.prefix_encoder = None
         # The attention kernel, "sdpa" or "flex" (prefix_lm_mask, attend). A run-time choice (train.py
-        # --attention ...), not part of the checkpoint: the numbers are the same within float rounding.
+        # --attention ...), not part of the weights: the numbers are the same within float rounding.
         self.attention = "sdpa"
 
     def prefix_kv(self, B: int):

@@ -1,4 +1,4 @@
-"""The model's shape and special-token ids: the dataclass, read from a checkpoint's config.json or a named preset.
+"""The model's shape and special-token ids: the dataclass, read from a model directory's config.json or a named preset.
 
 Plain Python, no torch: launch.sh's dry run names the runs of the demo's grid by the tiny preset's depth on a
 machine without PyTorch.
@@ -36,7 +36,7 @@ class ChatGLMConfig:
     @classmethod
     def from_name(cls, name: str) -> "ChatGLMConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}, or a checkpoint directory")
+            raise ValueError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}, or a model directory")
         return cls(**PRESETS[name])
 
     @classmethod
@@ -45,7 +45,8 @@ class ChatGLMConfig:
             raw = json.load(f)
         known = {f.name for f in fields(cls)}
         if not raw.get("position_encoding_2d", True):
-            raise ValueError(f"{path}: position_encoding_2d=false is not ChatGLM-6B; only the 2D rotary model is implemented")
+            raise ValueError(f"{path}: position_encoding_2d=false is not ChatGLM-6B; only the 2D rotary model is "
+                             "implemented")
         return cls(**{k: v for k, v in raw.items() if k in known})
 
     def to_dict(self) -> dict:

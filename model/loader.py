@@ -1,4 +1,4 @@
-"""Read and write checkpoints in the released layout, shard by shard.
+"""Read and write model directories in the released layout, shard by shard.
 
 Reading: the model is built on the meta device, allocated once in the target dtype and device,
 then each shard is copied in and dropped before the next is read, so a 13 GB model never
@@ -28,8 +28,8 @@ RELEASED_CONFIG = {"architectures": ["ChatGLMModel"],
                                 "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}}
 
 
-def checkpoint_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint directory, in the order the index lists them."""
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a model directory, in the order the index lists them."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
@@ -40,7 +40,7 @@ def checkpoint_files(path: Path) -> list[Path]:
         if (path / single).is_file():
             return [path / single]
     raise FileNotFoundError(f"{path}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json); "
-                            "point --model at a ChatGLM-6B checkpoint directory or use a preset "
+                            "point --model at a ChatGLM-6B model directory or use a preset "
                             f"({', '.join(sorted(PRESETS))})")
 
 
@@ -57,15 +57,15 @@ def read_shard(file: Path) -> dict[str, torch.Tensor]:
                 raise
             return torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # a truncated or foreign file: say which one
-        raise ValueError(f"cannot read checkpoint shard {file}: {type(e).__name__}: {e}. "
-                         "Re-download the file (compare its size with the index) or re-save the checkpoint.") from e
+        raise ValueError(f"cannot read weight shard {file}: {type(e).__name__}: {e}. "
+                         "Re-download the file (compare its size with the index) or save the model again.") from e
 
 
 def load_state_dict_into(model: ChatGLMModel, files: list[Path], strict: bool = True) -> set[str]:
     """Copy shards into an allocated model key by key. Returns the keys loaded.
 
     Missing keys, unexpected keys and shape mismatches are errors that name the file and the keys. A tied
-    model (config.tie_word_embeddings) has one matrix for both keys of TIED; a checkpoint may store both
+    model (config.tie_word_embeddings) has one matrix for both keys of TIED; a model directory may store both
     (the released one does) when they hold the same values.
     """
     params = dict(model.named_parameters())
@@ -76,7 +76,7 @@ def load_state_dict_into(model: ChatGLMModel, files: list[Path], strict: bool = 
         unexpected = [k for k in shard if alias.get(k, k) not in params and not k.endswith(IGNORED_SUFFIXES)]
         if unexpected and strict:
             raise ValueError(f"{file}: keys the model does not have: {unexpected[:8]}"
-                             f"{' ...' if len(unexpected) > 8 else ''}; is this a ChatGLM-6B checkpoint?")
+                             f"{' ...' if len(unexpected) > 8 else ''}; is this a ChatGLM-6B model?")
         with torch.no_grad():
             for k, t in shard.items():
                 name = alias.get(k, k)
@@ -93,7 +93,7 @@ def load_state_dict_into(model: ChatGLMModel, files: list[Path], strict: bool = 
         del shard
     missing = sorted(set(params) - loaded)
     if missing and strict:
-        raise ValueError(f"{files[0].parent}: keys missing from the checkpoint: {missing[:8]}"
+        raise ValueError(f"{files[0].parent}: keys missing from the weights: {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}")
     return loaded
 
@@ -107,20 +107,20 @@ def check_tied(param: torch.Tensor, stored: torch.Tensor, file: Path):
 
 
 def load_config(path_or_preset) -> ChatGLMConfig:
-    """The config of a preset name or a checkpoint directory, without reading any weights."""
+    """The config of a preset name or a model directory, without reading any weights."""
     if str(path_or_preset) in PRESETS:
         return ChatGLMConfig.from_name(str(path_or_preset))
     path = Path(path_or_preset) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; --model takes a checkpoint directory or a preset "
+        raise FileNotFoundError(f"{path} not found; --model takes a model directory or a preset "
                                 f"({', '.join(sorted(PRESETS))})")
     return ChatGLMConfig.from_json(path)
 
 
 def load_model(path_or_preset, dtype=torch.float32, device="cpu", seed: int = 0) -> ChatGLMModel:
-    """A preset name (random weights from `seed`) or a released checkpoint directory -> model in eval mode."""
+    """A preset name (random weights from `seed`) or a released model directory -> model in eval mode."""
     config = load_config(path_or_preset)
-    files = None if str(path_or_preset) in PRESETS else checkpoint_files(Path(path_or_preset))
+    files = None if str(path_or_preset) in PRESETS else weight_files(Path(path_or_preset))
     with torch.device("meta"):
         model = ChatGLMModel(config)
     model = model.to(dtype).to_empty(device=device)  # one allocation, already in the target dtype

@@ -89,8 +89,8 @@ class QuantLinear(nn.Module):
 
 @torch.no_grad()
 def quantize_model(model: ChatGLMModel, mode: str, device=None, group_size: int = GROUP_SIZE) -> list[str]:
-    """Quantize the frozen (requires_grad False) TARGETS Linears of every block, in place, onto `device` (default: where each weight
-    is; the caller moves the rest with model.to(device)). -> the quantized module names.
+    """Quantize the frozen (requires_grad False) TARGETS Linears of every block, in place, onto `device` (default:
+    where each weight is; the caller moves the rest with model.to(device)). -> the quantized module names.
 
     A Linear whose weight or bias trains (Freeze) stays float. A LoRALinear (adapters/lora.py) keeps its float32
     LoRA branch and hands its frozen base to the QuantLinear. Quantizing layer by layer onto the device means a

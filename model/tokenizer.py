@@ -72,18 +72,19 @@ class ChatGLMTokenizer:
         for field, piece in pairs:
             if getattr(config, field) != self.special_ids[piece]:
                 raise ValueError(f"{where}: config {field}={getattr(config, field)} but tokenizer {self.model_file} "
-                                 f"has {piece} at id {self.special_ids[piece]}; use the tokenizer shipped with the checkpoint")
+                                 f"has {piece} at id {self.special_ids[piece]}; use the tokenizer shipped with the "
+                                 "model")
         if self.vocab_size > config.vocab_size:
             raise ValueError(f"{where}: tokenizer {self.model_file} has {self.vocab_size} pieces but the model "
                              f"vocab_size is {config.vocab_size}")
 
 
 def load_tokenizer(path_or_preset) -> ChatGLMTokenizer:
-    """A checkpoint directory (its `ice_text.model`, checked against its config.json), a `.model` file,
+    """A model directory (its `ice_text.model`, checked against its config.json), a `.model` file,
     or a preset name ('tiny' -> the bundled demo tokenizer; 'chatglm-6b' needs a real directory)."""
     if str(path_or_preset) in PRESETS:
         if path_or_preset != "tiny":
-            raise ValueError(f"preset {path_or_preset!r} has no bundled tokenizer; pass the checkpoint directory "
+            raise ValueError(f"preset {path_or_preset!r} has no bundled tokenizer; pass the model directory "
                              "that holds ice_text.model")
         tok = ChatGLMTokenizer(DEMO_TOKENIZER)
         tok.check_config(ChatGLMConfig.from_name("tiny"), "preset 'tiny'")
@@ -93,7 +94,7 @@ def load_tokenizer(path_or_preset) -> ChatGLMTokenizer:
         return ChatGLMTokenizer(path)
     model_file = path / "ice_text.model"
     if not model_file.is_file():
-        raise FileNotFoundError(f"{model_file} not found: a ChatGLM checkpoint directory holds its tokenizer there")
+        raise FileNotFoundError(f"{model_file} not found: a ChatGLM model directory holds its tokenizer there")
     tok = ChatGLMTokenizer(model_file)
     if (path / "config.json").is_file():
         tok.check_config(ChatGLMConfig.from_json(path / "config.json"), str(path / "config.json"))
@@ -101,6 +102,6 @@ def load_tokenizer(path_or_preset) -> ChatGLMTokenizer:
 
 
 def tokenizer_config_json() -> str:
-    """The `tokenizer_config.json` written next to `ice_text.model` in checkpoints we save."""
+    """The `tokenizer_config.json` written next to `ice_text.model` in model directories we save."""
     return json.dumps({"tokenizer_class": "ChatGLMTokenizer", "do_lower_case": False, "remove_space": False,
                        "num_image_tokens": 0, "max_blank_length": MAX_BLANK}, indent=2)

@@ -25,7 +25,8 @@ KEEP = 2
 
 def steps(directory: Path) -> list[tuple[int, Path]]:
     """(step, path) of every step-N directory, oldest first (complete or not)."""
-    return sorted((int(m.group(1)), p) for p in Path(directory).glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name)))
+    found = ((re.fullmatch(r"step-(\d+)", p.name), p) for p in Path(directory).glob("step-*"))
+    return sorted((int(m.group(1)), p) for m, p in found if m)
 
 
 def latest(directory: Path) -> Path | None:

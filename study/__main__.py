@@ -5,16 +5,20 @@
     python -m study next NAME [--rerun-stale]  # -> train --resume | train --overwrite | eval | stale | done
 
 The grid comes from launch.sh's environment (MODEL, DATA_DIR, NPROC, PARALLEL, RUNS, SEEDS, TRAIN_EXTRA,
-EVAL_EXTRA, PY; study/grid.py). `plan` prints `runs DIR` and `lanes N`, then `base TRAIN SAVE` where the demo's
-base model is still to be made,
-then `run NAME DIR TRAIN EVAL` per run ("-" for no command). `next` writes the run's run.json when it has work.
-A bad id or setting is one line on stderr, exit 2. `commands` imports no torch.
+EVAL_EXTRA, PY; study/grid.py). `plan` prints `runs DIR` and `lanes N`; where the demo's base model is still to be
+made, `base TRAIN SAVE` and `base_log LOG`; then `run NAME DIR TRAIN EVAL TRAIN_LOG EVAL_LOG` per run ("-": no
+command). `next` writes the run's run.json when it has work. A bad id or setting is one line on stderr, exit 2.
+Nothing here imports torch.
 """
 import os
 import sys
 from pathlib import Path
 
-from .grid import Plan, count
+from runtime.files import write_json
+
+from .fingerprint import run_needs
+from .grid import DEMO_BASE_RUN, Plan, count
+from .rundir import EVAL_LOG, RUN_JSON, TRAIN_LOG, TRAIN_RESULTS
 
 
 def plan_runs(args: list[str]) -> tuple[Plan, list]:
@@ -42,17 +46,14 @@ def plan_lines(args: list[str]):
     print(f"runs\t{plan.runs_dir}\nlanes\t{plan.lanes}")
     if plan.demo and not (Path(plan.model) / "config.json").is_file():  # the demo's base model is not made yet
         print("base\t" + "\t".join(plan.base_model()))
+        print(f"base_log\t{plan.runs_dir / (DEMO_BASE_RUN + '.log')}")
     for run in runs:
-        print("\t".join(("run", run.name, str(run.dir), run.train or "-", run.evaluate)))
+        print("\t".join(("run", run.name, str(run.dir), run.train or "-", run.evaluate, str(run.dir / TRAIN_LOG),
+                         str(run.dir / EVAL_LOG))))
 
 
 def next_step(args: list[str]):
     """Decide what a run needs (study.fingerprint.run_needs); with work to do, (re)write its run.json."""
-    from runtime.files import write_json
-
-    from .fingerprint import run_needs
-    from .rundir import RUN_JSON, TRAIN_RESULTS
-
     if not args or args[1:] not in ([], ["--rerun-stale"]):
         raise ValueError("usage: python -m study next NAME [--rerun-stale]")
     _, runs = plan_runs([])

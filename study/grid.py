@@ -14,6 +14,8 @@ from pathlib import Path
 
 from model.config import ChatGLMConfig
 
+from .rundir import EVAL
+
 
 @dataclass(frozen=True)
 class Row:
@@ -58,6 +60,7 @@ STUDY_EVAL = ""
 # 50 of the ~240 steps; a checkpoint every 2 minutes of training.
 DEMO_PRESET = "tiny"
 DEMO_MODEL = "base-model"  # in the runs directory: runs/base-model
+DEMO_BASE_RUN = "base-train"  # the training run that makes it, beside it
 DEMO_DATA = Path("data/demo")
 DEMO_SETTINGS = "--lr 2e-3 --epochs 2 --batch-size 16 --precision fp32"
 DEMO_TRAIN = DEMO_SETTINGS + " --logging-steps 20 --save-steps 0 --save-minutes 2 --val-size 100 --eval-steps 50"
@@ -140,7 +143,7 @@ class Plan:
         evaluate = f"{python} evaluate.py --model {self.model}"
         evaluate += f" --run {out}" if row.method != "none" else ""
         evaluate += (f" --dataset {','.join(EVAL_SETS)} --dataset-dir {self.data_dir} --max-samples {EVAL_SAMPLES}"
-                     f" --output-dir {out / 'eval'}{seeded}")
+                     f" --output-dir {out / EVAL}{seeded}")
         evaluate = flags(evaluate, DEMO_EVAL if self.demo else STUDY_EVAL, self.eval_extra)
         return Run(row, seed, layers, name, out, train, evaluate)
 
@@ -154,7 +157,7 @@ class Plan:
 
     def base_model(self) -> tuple[str, str]:
         """The demo's base model: its training from the tiny preset, and its export as DEMO_MODEL."""
-        trained = self.runs_dir / "base-train"
+        trained = self.runs_dir / DEMO_BASE_RUN
         train = flags(f"{self.py} train.py", DEMO_BASE_TRAIN, f"--dataset-dir {self.data_dir} --output-dir {trained}",
                       self.train_extra)
         return train, f"{self.py} -m adapters --model {DEMO_PRESET} --adapter {trained} --output {self.model}"

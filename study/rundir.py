@@ -43,6 +43,3 @@ def set_scores(run_dir: Path, dataset: str) -> list[dict] | None:
     """A run's per-sample scores for one evaluation set, or None where it has none (yet)."""
     path = Path(run_dir) / EVAL / dataset / SCORES
     return read_jsonl(path) if path.is_file() else None
-
-
-# Arguments that do not change what a run computes: a run restarted with other values is the same run.

@@ -4,24 +4,32 @@ the `slow` marker.
     pytest -m "not slow" tests    # the everyday loop: everything but the end-to-end tests (about a minute)
     bash tests/run.sh             # everything (CI)
 
-A test is `slow` when it runs a script end to end: launch.sh, torchrun, a pseudo-terminal, torch.compile.
+A test is `slow` when it runs a script end to end: launch.sh, torchrun, a pseudo-terminal, torch.compile, or
+train.py / evaluate.py as a subprocess for seconds.
 """
 import dataclasses
+import json
+import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from data import encode_records, load_records
+from data import DEMO_DIR, build_eval_samples, encode_records, load_records
+from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
 from model.generate import generate_ids, sample_seed
+from runtime.files import write_json
 from study.metrics import mean_scores, sample_scores
+from study.rundir import LOG
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"  # the study's data, beside the repository where CI has it
 
-# A model small enough for exact checks in milliseconds: 300 ids, the special ones at the end.
+# A model small enough for exact checks in milliseconds: 300 ids, the special ones at the end. Untied, like the
+# tiny preset: a random tied model decodes greedily to one repeated token (model.chatglm.PRESETS).
 SMALL = ChatGLMConfig(vocab_size=300, hidden_size=64, num_layers=3, num_attention_heads=4, inner_hidden_size=160,
                       max_sequence_length=256, mask_token_id=250, gmask_token_id=251, bos_token_id=254,
                       eos_token_id=255, pad_token_id=3, tie_word_embeddings=False)
@@ -36,11 +44,58 @@ def small_config(**changes) -> ChatGLMConfig:
     return dataclasses.replace(SMALL, **changes)
 
 
+def small_model(config: ChatGLMConfig = SMALL, seed: int = 0, std: float = 0.3) -> ChatGLMModel:
+    """Random weights of `config`, in eval mode. The model gets a copy of the config: an adapter writes its
+    settings into the model's, and the shared one must stay as it is."""
+    return ChatGLMModel(dataclasses.replace(config)).init_weights(seed, std=std).eval()
+
+
+def rotary_buffers(config: ChatGLMConfig) -> dict[str, torch.Tensor]:
+    """The rotary inv_freq buffers the released checkpoint also stores (float16; the loader must ignore them)."""
+    d = config.head_dim // 2
+    return {f"transformer.layers.{i}.attention.rotary_emb.inv_freq": torch.ones(d // 2).half()
+            for i in range(config.num_layers)}
+
+
+def write_bin_shards(sd: dict, config: ChatGLMConfig, path: Path, n_shards: int = 3) -> Path:
+    """`sd` in the release's layout: pytorch_model-0000k-of-0000n.bin shards (every n-th key), their index and
+    config.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    keys = list(sd)
+    weight_map = {}
+    for s in range(n_shards):
+        name = f"pytorch_model-{s + 1:05d}-of-{n_shards:05d}.bin"
+        part = {k: sd[k] for k in keys[s::n_shards]}
+        torch.save(part, path / name)
+        weight_map.update({k: name for k in part})
+    write_json(path / "pytorch_model.bin.index.json", {"metadata": {}, "weight_map": weight_map})
+    write_json(path / "config.json", config.to_dict())
+    return path
+
+
 def free_port() -> int:
     """A TCP port nobody listens on, for a torchrun rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def script_env() -> dict[str, str]:
+    """The environment of train.py / evaluate.py run as a subprocess: this checkout importable, and one thread like
+    the in-process runs (one_thread), for the same numbers."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def torchrun_command(nproc: int, script: str, *args) -> list[str]:
+    """The command that runs `script` with `args` on `nproc` local processes (torch.distributed.run, a free port);
+    run it with cwd=REPO and script_env()."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), script, *map(str, args)]
+
+
+def train_log(out) -> list[dict]:
+    """The lines of a run's trainer_log.jsonl; unlike runtime.files.read_jsonl, a broken line fails the test."""
+    return [json.loads(line) for line in (Path(out) / LOG).read_text().splitlines()]
 
 
 def build_train_samples(tokenizer, names: list[str], dataset_dir, max_samples: int | None = None, seed: int = 42,
@@ -53,6 +108,16 @@ def build_train_samples(tokenizer, names: list[str], dataset_dir, max_samples: i
                                      expand_history)
     report.update(counts)
     return samples, report
+
+
+def greedy_answers(model, tokenizer, dataset: str, n: int, max_length: int, max_source_length: int) -> list[str]:
+    """What `evaluate.py --greedy` must predict for the first n samples of a demo set: each sample generated
+    alone, up to its own cap (max_length - prompt), decoded by the study's rule."""
+    answers = []
+    for s in build_eval_samples(tokenizer, dataset, DEMO_DIR, n, max_source_length=max_source_length):
+        row = generate_ids(model, [s["input_ids"]], max_new_tokens=max_length - len(s["input_ids"]))[0]
+        answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    return answers
 
 
 def corpus_scores(predicts: list[str], labels: list[str]) -> dict[str, float]:
@@ -69,10 +134,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ma
     return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """One thread: the same numbers in-process and in the subprocess / torchrun runs (OMP_NUM_THREADS=1), and no
-    oversubscription when two ranks share the machine. Files use it with `pytestmark`."""
+    """Every test on one thread, whatever OMP_NUM_THREADS says: the same numbers in-process and in the subprocess /
+    torchrun runs (script_env), no oversubscription when two ranks share the machine, and no threads waiting on
+    each other over models this small (with 2 threads on a busy 2-core machine, `-m "not slow"` took 4x as long)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -81,4 +147,5 @@ def one_thread():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs a script end to end (launch.sh, torchrun, a pseudo-terminal, "
-                                       "torch.compile); `pytest -m 'not slow'` leaves it out")
+                                       "torch.compile, train.py / evaluate.py as a subprocess for seconds); "
+                                       "`pytest -m 'not slow'` leaves it out")

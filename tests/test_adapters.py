@@ -8,21 +8,19 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+import conftest
 from adapters import (METHODS, AdapterSpec, LoRALinear, add_adapter_args, apply_adapter, base_model_id, export_merged,
-                      float32_trainable, load_adapter, merge_lora, parse_layers, save_adapter, trainable_report, trainable_state_dict,
-                      write_peft_bin)
+                      float32_trainable, load_adapter, merge_lora, parse_layers, save_adapter, trainable_report,
+                      trainable_state_dict, write_peft_bin)
 from adapters.export import main as export_main
+from conftest import GMASK, PAD, SOP, small_config
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
 from model.generate import generate_ids
 from model.loader import load_model, save_model
 from runtime.files import write_json
 
-# Untied, like the tiny preset: a random tied model decodes greedily to one repeated token (model.chatglm.PRESETS).
-SMALL = ChatGLMConfig(vocab_size=300, hidden_size=64, num_layers=4, num_attention_heads=4, inner_hidden_size=160,
-                      max_sequence_length=256, mask_token_id=250, gmask_token_id=251, bos_token_id=254,
-                      eos_token_id=255, pad_token_id=3, tie_word_embeddings=False)
-GMASK, SOP, EOP, PAD = 251, 254, 255, 3
+SMALL = small_config(num_layers=4)  # a layer more than conftest's: the specs below reach layer 3
 
 # One entry per setting worth testing; every method of adapters.dispatch.METHODS needs at least one: the
 # round trips below (gradients, save/load, export) run over all of them.
@@ -38,7 +36,7 @@ SPECS = {
 
 
 def small_model(seed=0, std=0.2, config=SMALL):
-    return ChatGLMModel(dataclasses.replace(config)).init_weights(seed, std=std).eval()
+    return conftest.small_model(config, seed, std)
 
 
 def batch(seed=1, B=2, T=12):

@@ -1,31 +1,26 @@
 """The attention seam and compiled decoding: FlexAttention equals SDPA in every case the model runs
 (padding, P-Tuning prefix, KV cache, gradients), and the compiled decode step gives the eager tokens."""
-import dataclasses
-
 import pytest
 import torch
 
 from adapters.ptuning import apply_ptuning
-from model.chatglm import ChatGLMModel
-from model.config import ChatGLMConfig
-from model.generate import generate_ids, left_pad
+from conftest import GMASK, PAD, SOP, small_config, small_model
+from model.generate import decode_step, generate_ids, left_pad, prefill
 from model.loader import load_model
-from model.generate import decode_step, prefill
 
 # Uncompiled FlexAttention runs its unfused reference implementation (and says so once).
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
-SMALL = ChatGLMConfig(vocab_size=300, hidden_size=64, num_layers=3, num_attention_heads=4, inner_hidden_size=160,
-                      max_sequence_length=256, mask_token_id=250, gmask_token_id=251, bos_token_id=254,
-                      eos_token_id=255, pad_token_id=3)
-GMASK, SOP, PAD = 251, 254, 3
+TIED = small_config(tie_word_embeddings=True)  # ChatGLMConfig's default
 
 
-def small_model(prefix: int = 0):
-    model = ChatGLMModel(dataclasses.replace(SMALL)).init_weights(0, std=0.1).eval()
+def tied_model(prefix: int = 0):
+    """conftest's small model with one output matrix, and `prefix` P-Tuning tokens of random values."""
+    model = small_model(TIED, std=0.1)
     if prefix:
         apply_ptuning(model, prefix, projection=False)
-        torch.nn.init.normal_(model.transformer.prefix_encoder.embedding.weight, std=0.5, generator=torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(1)
+        torch.nn.init.normal_(model.transformer.prefix_encoder.embedding.weight, std=0.5, generator=g)
     return model
 
 
@@ -43,7 +38,7 @@ def with_kernel(model, kernel, *args, **kwargs):
 @pytest.mark.parametrize("case", ["single", "left-padded", "prefix"])
 @torch.no_grad()
 def test_flex_forward_equals_sdpa(case):
-    model = small_model(prefix=3 if case == "prefix" else 0)
+    model = tied_model(prefix=3 if case == "prefix" else 0)
     ids, mask = left_pad(SEQS[:1] if case == "single" else SEQS, PAD)
     sdpa = model(ids, mask)
     flex = with_kernel(model, "flex", ids, mask)
@@ -52,7 +47,7 @@ def test_flex_forward_equals_sdpa(case):
 
 
 def test_unknown_attention_kernel_is_an_error():
-    model = small_model()
+    model = tied_model()
     model.transformer.attention = "flash"
     with pytest.raises(ValueError, match=r"unknown attention kernel 'flash'; use one of \('sdpa', 'flex'\)"):
         model(torch.tensor([SEQS[2]]))
@@ -61,7 +56,7 @@ def test_unknown_attention_kernel_is_an_error():
 @pytest.mark.parametrize("prefix", [0, 3])
 @torch.no_grad()
 def test_flex_cached_decode_equals_sdpa_and_recomputation(prefix):
-    model = small_model(prefix)
+    model = tied_model(prefix)
     ids, mask = left_pad(SEQS, PAD)
     answer = torch.tensor([[70, 71, 72, 73], [80, 81, 82, 83], [90, 91, 92, 93]])
     full = model(torch.cat([ids, answer], 1), torch.cat([mask, torch.ones_like(answer, dtype=torch.bool)], 1))
@@ -79,7 +74,7 @@ def test_flex_cached_decode_equals_sdpa_and_recomputation(prefix):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on CPU (torch 2.13)")
 def test_flex_training_gradients_equal_sdpa():
-    model = small_model(prefix=3).cuda().train()
+    model = tied_model(prefix=3).cuda().train()
     model.transformer.prefix_encoder.dropout.p = 0.0  # the same prefix for both kernels
     ids, mask = (t.cuda() for t in left_pad(SEQS, PAD))
     grads = {}
@@ -92,6 +87,7 @@ def test_flex_training_gradients_equal_sdpa():
         assert (grads["flex"][name] - g).abs().max() < 1e-5, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["sdpa", "flex"])
 def test_compiled_decoding_gives_eager_tokens(kernel):
     """Tiny preset + P-Tuning prefix, left-padded batch, greedy and seeded sampling: one compile per kernel."""

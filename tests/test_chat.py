@@ -7,23 +7,21 @@ import select
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import evaluate
+from conftest import REPO, script_env
 from data import build_prompt
-from model.loss import IGNORE
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
 from model.generate import generate_ids, left_pad
 from model.loader import load_model, save_model
-from model.tokenizer import load_tokenizer
-from model.tokenizer import DEMO_TOKENIZER, SPECIAL_PIECES
+from model.loss import IGNORE
+from model.tokenizer import DEMO_TOKENIZER, SPECIAL_PIECES, load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 KEPT = ["[gMASK]", "[sMASK]", "<unused_0>", "<ENC>", "<dBLOCK>"]
 SKIPPED = ["<sop>", "<eop>", "<unk>", "<pad>", "[MASK]"]
 SCREEN_NEVER = SPECIAL_PIECES + ["<pad>", "<unk>", "⁇", "Traceback"]
@@ -192,11 +190,10 @@ def chat_in_pty(model_dir):
     """`evaluate.py --chat --greedy` with stdin, stdout and stderr on a new pseudo-terminal that is its controlling
     terminal (so ^C written to it is SIGINT) -> (process, master fd); killed and closed on the way out."""
     master, slave = os.openpty()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # a new session takes the terminal on stdin as its own, then runs evaluate.py (no preexec_fn: threads here)
     ctty = "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execv(sys.argv[1], sys.argv[1:])"
     proc = subprocess.Popen([sys.executable, "-c", ctty, sys.executable, "evaluate.py", "--chat", "--model",
-                             str(model_dir), "--greedy"], cwd=ROOT, env=env, stdin=slave, stdout=slave,
+                             str(model_dir), "--greedy"], cwd=REPO, env=script_env(), stdin=slave, stdout=slave,
                             stderr=slave, start_new_session=True)
     os.close(slave)
     try:
@@ -233,6 +230,7 @@ def test_checkpoint_emits_sop_mid_answer(sop_checkpoint):
     assert all(0 < row.index(sop) < len(row) - 2 for row in rows)  # text, <sop>, more text, <eop>
 
 
+@pytest.mark.slow
 def test_three_turns_on_a_terminal_then_ctrl_d(sop_checkpoint):
     path, turns = sop_checkpoint
     screen, prompt, deadline = bytearray(), "用户：".encode(), time.monotonic() + 60
@@ -249,6 +247,7 @@ def test_three_turns_on_a_terminal_then_ctrl_d(sop_checkpoint):
     assert [s for s in SCREEN_NEVER if s in text] == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_the_prompt_exits_0(sop_checkpoint):
     screen, deadline = bytearray(), time.monotonic() + 60
     with chat_in_pty(sop_checkpoint[0]) as (proc, master):

@@ -1,33 +1,23 @@
 """What a user types: every numeric flag checked when parsed, options a method ignores, the model a script takes
 without --model, adapters refused on other base weights, and Ctrl-C / OS errors as one line that keeps the work."""
-import dataclasses
 import errno
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import evaluate
 import train
-from conftest import REPO, TRAIN_SMALL
 from adapters import AdapterSpec, apply_adapter, load_adapter, save_adapter
+from conftest import REPO, TRAIN_SMALL, script_env
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
 from runtime import checkpoint, files
 from study import grid
 from study.rundir import CHECKPOINTS, LOG
-
-
-SMALL = TRAIN_SMALL
-
-
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 # ---------------------------------------------------------------- flags checked when parsed
@@ -154,11 +144,12 @@ def wait_for(predicate, proc, timeout=120):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_train_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "train.py", *SMALL, "--method", "lora", "--max-steps", "300", "--batch-size", "2",
+    cmd = [sys.executable, "train.py", *TRAIN_SMALL, "--method", "lora", "--max-steps", "300", "--batch-size", "2",
            "--save-steps", "3", "--logging-steps", "1", "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: checkpoint.latest(out / CHECKPOINTS) is not None, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
@@ -167,17 +158,18 @@ def test_ctrl_c_in_train_says_how_to_resume(tmp_path):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: interrupted;") and "--resume" in last and "checkpoints/step-" in last
     step = int(last.split("checkpoints/step-")[1].split()[0])
-    done = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd + ["--resume"], cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resuming at step {step}" in done.stdout
     assert [r["step"] for r in files.read_jsonl(out / LOG)] == list(range(1, 301))
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_evaluate_keeps_finished_batches(tmp_path):
     out = tmp_path / "eval"
     cmd = [sys.executable, "evaluate.py", "--model", "tiny", "--dataset", "alpaca_gpt4_zh", "--max-samples", "64",
            "--batch-size", "1", "--max-length", "40", "--max-source-length", "24", "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial = lambda: [p for p in (out / "alpaca_gpt4_zh").glob("*.partial-*.jsonl") if p.stat().st_size > 0] \
         if (out / "alpaca_gpt4_zh").is_dir() else []
     wait_for(partial, proc)
@@ -203,7 +195,7 @@ def test_a_failed_checkpoint_write_names_the_path_and_keeps_the_last(tmp_path, m
     monkeypatch.setattr(torch, "save", failing_save)
     out = tmp_path / "run"
     with pytest.raises(OSError) as e:
-        train.main([*SMALL, "--method", "lora", "--max-steps", "6", "--batch-size", "2", "--save-steps", "2",
+        train.main([*TRAIN_SMALL, "--method", "lora", "--max-steps", "6", "--batch-size", "2", "--save-steps", "2",
                     "--output-dir", str(out)])
     assert "step-4" in e.value.filename and "unexpected pos" in e.value.strerror
     assert checkpoint.latest(out / CHECKPOINTS) == out / CHECKPOINTS / "step-2"
@@ -231,11 +223,12 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line(small_disk):
     out = small_disk / "run"  # full fine-tuning of the tiny model: its first checkpoint does not fit in 3 MiB
-    done = subprocess.run([sys.executable, "train.py", *SMALL, "--method", "full", "--max-steps", "4",
+    done = subprocess.run([sys.executable, "train.py", *TRAIN_SMALL, "--method", "full", "--max-steps", "4",
                            "--batch-size", "2", "--save-steps", "2", "--output-dir", str(out)],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=180)
+                          cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]

@@ -4,7 +4,6 @@ evaluation of the tiny preset, the NLL of the reference answers against the trai
 import io
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +13,19 @@ import pytest
 import torch
 
 import evaluate
-from study import results
 import train
 from adapters import AdapterSpec, apply_adapter, save_adapter
-from conftest import REPO, build_train_samples, corpus_scores, free_port
+from conftest import REPO, build_train_samples, corpus_scores, greedy_answers, script_env, torchrun_command
 from data import DEMO_DIR, build_eval_samples, encode_train
-from model.loss import IGNORE
-from study.fingerprint import code_files, code_fingerprint
-from study.metrics import METRICS, TITLES, sample_scores, score_stats
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
 from model.generate import generate_ids
 from model.loader import load_model
-from model.loss import token_loss_sum
+from model.loss import IGNORE, token_loss_sum
 from model.tokenizer import load_tokenizer
+from study import results
+from study.fingerprint import code_files, code_fingerprint
+from study.metrics import METRICS, TITLES, sample_scores, score_stats
 from study.stats import bootstrap_interval, paired_difference
 
 
@@ -453,18 +451,15 @@ def test_resume_does_not_redo_written_predictions(tmp_path, monkeypatch):
     assert not list((tmp_path / "run" / "alpaca_gpt4_zh").glob("*partial*"))
 
 
-
+@pytest.mark.slow
 def test_one_vs_two_processes_identical(tmp_path):
     """Sampling (the study's default) with 5 samples in batches of 2: ranks get uneven shares."""
     args = TINY[:3] + ["5"] + TINY[4:] + ["--batch-size", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "evaluate.py", *args, "--output-dir", str(tmp_path / "one")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                          "evaluate.py", *args, "--output-dir", str(tmp_path / "two")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    two = subprocess.run(torchrun_command(2, "evaluate.py", *args, "--output-dir", tmp_path / "two"),
+                         cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-2000:]
     for name in SETS:
         a = (tmp_path / "one" / name / "generated_predictions.jsonl").read_text(encoding="utf-8")
@@ -549,11 +544,9 @@ def test_checkpoint_is_applied(tmp_path, method):
     evaluate.main(args + ["--output-dir", str(tmp_path / "base")])
     tuned = read_predictions(tmp_path / "run" / "eval" / "alpaca_gpt4_zh" / "generated_predictions.jsonl")
     base = read_predictions(tmp_path / "base" / "alpaca_gpt4_zh" / "generated_predictions.jsonl")
-    tokenizer = load_tokenizer("tiny")
     model.eval()
-    for p, s in zip(tuned, build_eval_samples(tokenizer, "alpaca_gpt4_zh", DEMO_DIR, 3, max_source_length=40)):
-        row = generate_ids(model, [s["input_ids"]], max_new_tokens=48 - len(s["input_ids"]))[0]
-        assert p["predict"] == tokenizer.decode(row, skip_special_tokens=True)
+    assert [p["predict"] for p in tuned] == greedy_answers(model, load_tokenizer("tiny"), "alpaca_gpt4_zh", 3,
+                                                           max_length=48, max_source_length=40)
     assert [p["predict"] for p in tuned] != [p["predict"] for p in base]
     metrics = json.loads((tmp_path / "run" / "eval" / "alpaca_gpt4_zh" / "metrics.json").read_text())
     assert metrics["adapter"]["settings"]["method"] == method

@@ -8,12 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from conftest import REPO
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
+from conftest import REPO
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
 from model.loader import save_model
@@ -232,6 +232,7 @@ def set_code(path: Path, code: str):
     path.write_text(json.dumps(record), encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_reruns_do_what_the_fingerprint_says(tmp_path, tiny_base):
     runs = tmp_path / "runs"
     env = tiny_env(runs, tiny_base, steps=4)
@@ -282,6 +283,7 @@ def live_processes_mentioning(text: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_lock_then_ctrl_c_then_the_same_command_resumes(tmp_path, tiny_base):
     runs = tmp_path / "runs"
     env = tiny_env(runs, tiny_base, steps=300)
@@ -322,6 +324,7 @@ def test_lock_then_ctrl_c_then_the_same_command_resumes(tmp_path, tiny_base):
     assert json.loads((run / "train_results.json").read_text())["steps"] == 300
 
 
+@pytest.mark.slow
 def test_demo_trains_its_base_model_then_runs_two_lanes(tmp_path):
     """The quick start (`bash launch.sh` without MODEL), cut down by TRAIN_EXTRA / EVAL_EXTRA: the base model is
     trained with its progress on screen, exported, and ids 0 and 1 run side by side."""

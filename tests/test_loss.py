@@ -5,20 +5,10 @@ import torch.nn.functional as F
 
 import model.loss
 from adapters import AdapterSpec, apply_adapter
-from model.loss import IGNORE
-from model.chatglm import ChatGLMModel
-from model.config import ChatGLMConfig
-from model.loss import linear_cross_entropy, token_loss_sum
+from conftest import EOP, GMASK, SMALL, SOP, small_config, small_model
+from model.loss import IGNORE, linear_cross_entropy, token_loss_sum
 
-
-V = 300
-GMASK, SOP, EOP = 251, 254, 255
-
-
-def config(tied: bool) -> ChatGLMConfig:
-    return ChatGLMConfig(vocab_size=V, hidden_size=64, num_layers=3, num_attention_heads=4, inner_hidden_size=160,
-                         max_sequence_length=256, mask_token_id=250, gmask_token_id=GMASK, bos_token_id=SOP,
-                         eos_token_id=EOP, pad_token_id=3, tie_word_embeddings=tied)
+V = SMALL.vocab_size
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +54,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 def lora_model(tied: bool):
     torch.manual_seed(0)
-    m = ChatGLMModel(config(tied)).init_weights(0, std=0.3)
+    m = small_model(small_config(tie_word_embeddings=tied))
     apply_adapter(m, AdapterSpec("lora", layers=[1, 2], lora_dropout=0.0))
     with torch.no_grad():  # B = 0 at init would make A's gradient 0: give B values
         for name, p in m.named_parameters():
@@ -74,7 +64,7 @@ def lora_model(tied: bool):
 
 
 def full_model(tied: bool):
-    m = ChatGLMModel(config(tied)).init_weights(0, std=0.3)
+    m = small_model(small_config(tie_word_embeddings=tied))
     apply_adapter(m, AdapterSpec("full"))
     return m.train()
 

@@ -1,28 +1,18 @@
 """The network, loader, tokenizer and generation on small random checkpoints in the released layout."""
-import dataclasses
 import json
 
 import pytest
 import torch
 
+from conftest import EOP, GMASK, PAD, SMALL, SOP, generate, rotary_buffers, small_config, small_model, write_bin_shards
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
-from conftest import generate
 from model.generate import generate_ids, left_pad
 from model.loader import load_model, save_model
 from model.tokenizer import load_tokenizer
 from runtime.files import write_json
 
-# Untied, like the tiny preset: a random tied model decodes greedily to one repeated token (model.chatglm.PRESETS).
-SMALL = ChatGLMConfig(vocab_size=300, hidden_size=64, num_layers=3, num_attention_heads=4, inner_hidden_size=160,
-                      max_sequence_length=256, mask_token_id=250, gmask_token_id=251, bos_token_id=254,
-                      eos_token_id=255, pad_token_id=3, tie_word_embeddings=False)
-TIED = dataclasses.replace(SMALL, tie_word_embeddings=True)
-GMASK, SOP, EOP, PAD = 251, 254, 255, 3
-
-
-def small_model(seed=0, std=0.3):
-    return ChatGLMModel(SMALL).init_weights(seed, std=std).eval()
+TIED = small_config(tie_word_embeddings=True)
 
 
 def released_state_dict(model):
@@ -30,24 +20,8 @@ def released_state_dict(model):
     buffers and, for a tied model, the output matrix a second time under lm_head.weight."""
     sd = {k: v.half() for k, v in model.state_dict().items()}
     sd.setdefault("lm_head.weight", sd["transformer.word_embeddings.weight"].clone())
-    d = SMALL.head_dim // 2
-    for i in range(SMALL.num_layers):
-        sd[f"transformer.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(d // 2).half()
+    sd.update(rotary_buffers(SMALL))
     return sd
-
-
-def write_bin_shards(sd, path, n_shards=3):
-    path.mkdir(parents=True, exist_ok=True)
-    keys = list(sd)
-    weight_map = {}
-    for s in range(n_shards):
-        name = f"pytorch_model-{s + 1:05d}-of-{n_shards:05d}.bin"
-        part = {k: sd[k] for k in keys[s::n_shards]}
-        torch.save(part, path / name)
-        weight_map.update({k: name for k in part})
-    write_json(path / "pytorch_model.bin.index.json", {"metadata": {}, "weight_map": weight_map})
-    write_json(path / "config.json", SMALL.to_dict())
-    return path
 
 
 def prompt(*tokens):
@@ -59,7 +33,7 @@ def prompt(*tokens):
 def test_bin_shards_and_safetensors_load_bit_exactly(tmp_path):
     model = small_model()
     sd = released_state_dict(model)
-    bin_dir = write_bin_shards(sd, tmp_path / "bin")
+    bin_dir = write_bin_shards(sd, SMALL, tmp_path / "bin")
     st_dir = save_model(sd, SMALL, tmp_path / "st", max_shard_bytes=20_000)
     assert len(json.loads((st_dir / "model.safetensors.index.json").read_text())["weight_map"]) == len(sd)
     assert len(list(st_dir.glob("model-*.safetensors"))) > 1
@@ -84,10 +58,10 @@ def test_loader_errors_name_file_and_keys(tmp_path):
     expected = {"missing": "transformer.layers.1.mlp.dense_4h_to_h.weight",
                 "extra": "transformer.layers.9.mlp.extra.weight", "shape": "transformer.final_layernorm.weight"}
     for name, bad in cases.items():
-        d = write_bin_shards(bad, tmp_path / name, n_shards=1)
+        d = write_bin_shards(bad, SMALL, tmp_path / name, n_shards=1)
         with pytest.raises(ValueError, match=expected[name]):
             load_model(d)
-    d = write_bin_shards(sd, tmp_path / "truncated", n_shards=2)
+    d = write_bin_shards(sd, SMALL, tmp_path / "truncated", n_shards=2)
     shard = d / "pytorch_model-00002-of-00002.bin"
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(ValueError, match="pytorch_model-00002-of-00002.bin"):
@@ -120,7 +94,7 @@ def test_tied_by_default_and_a_stored_lm_head_must_equal_the_embedding(tmp_path)
     assert ChatGLMConfig().tie_word_embeddings and ChatGLMConfig.from_name("chatglm-6b").tie_word_embeddings
     assert not ChatGLMConfig.from_name("tiny").tie_word_embeddings  # decided in PRESETS
     sd = released_state_dict(ChatGLMModel(TIED).init_weights(0))
-    d = write_bin_shards(sd, tmp_path / "equal", n_shards=2)
+    d = write_bin_shards(sd, SMALL, tmp_path / "equal", n_shards=2)
     raw = json.loads((d / "config.json").read_text())
     del raw["tie_word_embeddings"]  # SMALL's false
     write_json(d / "config.json", raw)
@@ -132,7 +106,8 @@ def test_tied_by_default_and_a_stored_lm_head_must_equal_the_embedding(tmp_path)
 
     sd["lm_head.weight"] = sd["lm_head.weight"] + 1
     for order, stored in (("after", sd), ("before", {"lm_head.weight": sd["lm_head.weight"], **sd})):
-        d = write_bin_shards(stored, tmp_path / order, n_shards=2)  # lm_head.weight read after / before the embedding
+        # lm_head.weight read after / before the embedding
+        d = write_bin_shards(stored, SMALL, tmp_path / order, n_shards=2)
         write_json(d / "config.json", raw)
         with pytest.raises(ValueError, match=r"pytorch_model-.*\.bin: lm_head.weight and transformer.word_embeddings"
                                              r".weight hold different values.*\"tie_word_embeddings\": false in "
@@ -141,7 +116,7 @@ def test_tied_by_default_and_a_stored_lm_head_must_equal_the_embedding(tmp_path)
 
 
 def test_untied_config_keeps_two_matrices_and_saving_states_the_key(tmp_path):
-    model = ChatGLMModel(SMALL).init_weights(0, std=0.3)
+    model = small_model()
     assert model.lm_head.weight is not model.transformer.word_embeddings.weight
     assert not torch.equal(model.lm_head.weight, model.transformer.word_embeddings.weight)
     d = save_model(model.state_dict(), SMALL, tmp_path / "untied")
@@ -151,7 +126,7 @@ def test_untied_config_keeps_two_matrices_and_saving_states_the_key(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
 
-    tied = ChatGLMModel(TIED).init_weights(0, std=0.3).eval()
+    tied = small_model(TIED)
     d = save_model(tied.state_dict(), TIED, tmp_path / "tied")  # one matrix on disk
     assert json.loads((d / "config.json").read_text())["tie_word_embeddings"] is True
     assert "lm_head.weight" not in json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]

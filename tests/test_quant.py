@@ -2,10 +2,7 @@
 trained over an int8 base and applied to the float base, P-Tuning and Freeze over quantized bases, DDP == one
 process, the refusals, and the dry run's base-weights line for ChatGLM-6B."""
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,29 +12,21 @@ from safetensors.torch import load_file
 
 import evaluate
 import train
-from conftest import REPO, TRAIN_SMALL, free_port
 from adapters import AdapterSpec, LoRALinear, apply_adapter, load_adapter
-from data import DEMO_DIR, build_eval_samples
+from conftest import REPO, TRAIN_SMALL, greedy_answers, script_env, torchrun_command, train_log
 from model.generate import generate_ids
 from model.loader import load_model
-from model.tokenizer import load_tokenizer
 from model.quant import QuantLinear, quantize_model, tensor_bytes
+from model.tokenizer import load_tokenizer
 
 SMALL = [*TRAIN_SMALL, "--logging-steps", "1", "--save-steps", "0"]
 LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def quantized_tiny(mode: str):
     model = load_model("tiny").requires_grad_(False)
     assert len(quantize_model(model, mode)) == 6 * 4  # every Linear of the 6 blocks
     return model
-
-
-def log(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "trainer_log.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------- the format
@@ -128,7 +117,7 @@ def test_lora_trains_on_int8_and_applies_to_the_float_base(tmp_path, monkeypatch
     train.main([*SMALL, "--quantize", "int8", "--method", "lora", "--target", "qkv", "--layers", "3", "--lr", "1e-2",
                 "--max-steps", "30", "--batch-size", "8", "--output-dir", str(out)])
     assert len(quantized) == 24  # 6 blocks x 4 Linears; 3 of them are the bases of LoRA layers
-    losses = [r["loss"] for r in log(out)]
+    losses = [r["loss"] for r in train_log(out)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses
     assert sorted(load_file(str(out / "adapter_model.safetensors"))) == sorted(
         f"base_model.model.transformer.layers.{i}.attention.query_key_value.lora_{ab}.weight"
@@ -149,11 +138,9 @@ def test_lora_trains_on_int8_and_applies_to_the_float_base(tmp_path, monkeypatch
     evaluate.main(args)
     predictions = [json.loads(line)["predict"] for line in
                    (out / "eval" / "alpaca_gpt4_zh" / "generated_predictions.jsonl").read_text().splitlines()]
-    tokenizer = load_tokenizer("tiny")
     int8.eval()
-    for p, s in zip(predictions, build_eval_samples(tokenizer, "alpaca_gpt4_zh", DEMO_DIR, 2, max_source_length=40)):
-        row = generate_ids(int8, [s["input_ids"]], max_new_tokens=48 - len(s["input_ids"]))[0]
-        assert p == tokenizer.decode(row, skip_special_tokens=True)
+    assert predictions == greedy_answers(int8, load_tokenizer("tiny"), "alpaca_gpt4_zh", 2, max_length=48,
+                                         max_source_length=40)
     metrics = json.loads((out / "eval" / "alpaca_gpt4_zh" / "metrics.json").read_text())
     assert metrics["model"]["quantize"] == "int8"
 
@@ -172,7 +159,7 @@ def test_ptuning_and_freeze_run_over_a_quantized_base(tmp_path, method, mode, lr
     out = tmp_path / "run"
     train.main([*SMALL, *method, "--quantize", mode, "--lr", str(lr), "--max-steps", "3", "--batch-size", "4",
                 "--output-dir", str(out)])
-    assert [r["step"] for r in log(out)] == [1, 2, 3] and all(r["loss"] > 0 for r in log(out))
+    assert [r["step"] for r in train_log(out)] == [1, 2, 3] and all(r["loss"] > 0 for r in train_log(out))
     saved = load_file(str(out / "adapter_model.safetensors"))
     if method[1] == "ptuning":
         assert list(saved) == ["transformer.prefix_encoder.embedding.weight"]
@@ -203,16 +190,14 @@ def test_full_and_fsdp_with_quantize_fail_clearly(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_ddp_over_a_quantized_base_equals_one_process(tmp_path):
     """2 ranks x batch 2 == 1 process x batch 4 on an int8 base (DDP: the quantized buffers are not resent)."""
     common = [*SMALL, "--method", "lora", "--layers", "2", "--lora-dropout", "0", "--lr", "3e-3", "--max-steps", "3",
               "--max-samples", "16", "--quantize", "int8"]
     train.main([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one")])
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "train.py", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "two")]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    cmd = torchrun_command(2, "train.py", *common, "--batch-size", "2", "--output-dir", tmp_path / "two")
+    done = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("one", "two"))
     assert one.keys() == two.keys() and max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5

@@ -25,7 +25,6 @@ import functools
 import json
 import math
 import zlib
-from conftest import REPO
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters import AdapterSpec, apply_adapter
-from runtime.files import write_json
+from conftest import REPO, rotary_buffers, write_bin_shards
 from model.config import ChatGLMConfig
 from model.generate import generate_ids, left_pad
 from model.loader import load_model
@@ -119,19 +118,8 @@ def checkpoint(tmp_path_factory):
     bad = checksum_mismatches(sd)
     assert not bad, ("the seeded checkpoint differs from the one the reference figures were computed on, so every "
                      "comparison below would be meaningless: " + "; ".join(bad[:4]))
-    r = CONFIG.head_dim // 2
-    for i in range(CONFIG.num_layers):  # the release stores them; our loader must ignore them
-        sd[f"transformer.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(r // 2).half()
-    path = tmp_path_factory.mktemp("chatglm_tiny")
-    keys, weight_map = list(sd), {}
-    for s in range(2):
-        name = f"pytorch_model-{s + 1:05d}-of-00002.bin"
-        part = {k: sd[k] for k in keys[s::2]}
-        torch.save(part, path / name)
-        weight_map.update({k: name for k in part})
-    write_json(path / "pytorch_model.bin.index.json", {"metadata": {}, "weight_map": weight_map})
-    write_json(path / "config.json", CONFIG.to_dict())
-    return path
+    sd.update(rotary_buffers(CONFIG))
+    return write_bin_shards(sd, CONFIG, tmp_path_factory.mktemp("chatglm_tiny"), n_shards=2)
 
 
 @pytest.fixture(scope="module")

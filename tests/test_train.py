@@ -1,7 +1,6 @@
 """train.py on the tiny model and the bundled demo data: every method learns, DDP and FSDP2 on 2 ranks equal
 one process, a SIGKILLed run resumes bit for bit, and the safety nets stop bad runs before or at step 1-2."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 import train
 from adapters import AdapterSpec, apply_adapter, load_adapter
-from conftest import REPO, TRAIN_SMALL, build_train_samples, free_port
+from conftest import REPO, TRAIN_SMALL, build_train_samples, script_env, torchrun_command, train_log
 from data import DEMO_DIR, collate_train
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
@@ -27,9 +26,6 @@ from study.rundir import CHECKPOINTS
 SMALL = [*TRAIN_SMALL, "--logging-steps", "1"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
 def run_train(*args):
     train.main([*SMALL, *map(str, args)])
 
@@ -38,19 +34,9 @@ def adapter(out) -> dict:
     return load_file(str(Path(out) / "adapter_model.safetensors"))
 
 
-def log(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "trainer_log.jsonl").read_text().splitlines()]
-
-
-
-def subprocess_env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
 def torchrun(nproc: int, *args, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "train.py", *SMALL, *map(str, args)]
-    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(torchrun_command(nproc, "train.py", *SMALL, *args), cwd=REPO, env=script_env(),
+                          capture_output=True, text=True, timeout=timeout)
     errors = [line for line in done.stderr.splitlines() if "it/s" not in line]
     assert done.returncode == 0, "\n".join(errors[-40:])
     return done
@@ -82,7 +68,7 @@ def test_every_method_lowers_the_loss(tmp_path, method, lr):
     out = tmp_path / "run"
     run_train(*method, "--lr", lr, "--max-steps", 30, "--batch-size", 8, "--save-steps", 0,
               "--output-dir", out)
-    losses = [row["loss"] for row in log(out)]
+    losses = [row["loss"] for row in train_log(out)]
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.2, (first, last)
@@ -95,6 +81,7 @@ def test_every_method_lowers_the_loss(tmp_path, method, lr):
 
 # ---------------------------------------------------------------- distributed == one process
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dist", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_process(tmp_path, dist):
     """2 ranks x batch 2 == 1 process x batch 4 (with 2 accumulated micro-batches: no_sync / no reduce-scatter
@@ -108,9 +95,9 @@ def test_two_ranks_equal_one_process(tmp_path, dist):
     assert one.keys() == two.keys() and len(one) == 6
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     assert max(t.abs().max().item() for k, t in one.items() if "lora_B" in k) > 1e-3  # it did train
-    losses_one, losses_two = [r["loss"] for r in log(tmp_path / "one")], [r["loss"] for r in log(tmp_path / "two")]
+    losses_one, losses_two = ([r["loss"] for r in train_log(tmp_path / d)] for d in ("one", "two"))
     assert losses_one == pytest.approx(losses_two, abs=1e-5)
-    assert log(tmp_path / "two")[8]["epoch"] == 1.0  # step 9 ends the epoch
+    assert train_log(tmp_path / "two")[8]["epoch"] == 1.0  # step 9 ends the epoch
     if dist == "fsdp":  # resume from the step-5 checkpoint: the sharded optimizer state is scattered back exactly
         shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-10")
         (tmp_path / "two" / "train_results.json").unlink()
@@ -145,6 +132,7 @@ def test_full_fine_tuning_trains_the_one_tied_matrix(tmp_path):
         p.numel() for p in before.parameters())  # the tied matrix counted once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dist", ["ddp", "fsdp"])
 def test_full_fine_tuning_of_a_tied_model_on_two_ranks_equals_one_process(tmp_path, dist):
     """The tied matrix gets the gradient of both its uses, reduced over ranks like any other (FSDP2: sharded)."""
@@ -162,6 +150,7 @@ def test_full_fine_tuning_of_a_tied_model_on_two_ranks_equals_one_process(tmp_pa
 
 # ---------------------------------------------------------------- exact resume
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     """Dropout on (LoRA 0.1): the resumed run must restore the RNG, the optimizer, the schedule and the
     data position to end with the uninterrupted run's adapter, bit for bit."""
@@ -171,7 +160,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "train.py", *SMALL, *map(str, common), "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while checkpoint.latest(out / CHECKPOINTS) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -183,8 +172,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     run_train(*common, "--output-dir", out, "--resume")
     full, resumed = adapter(tmp_path / "full"), adapter(out)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-    assert [r["step"] for r in log(out)] == list(range(1, 41))  # the log continues where the checkpoint was
-    assert log(out) == [{**r, "tokens_per_s": s["tokens_per_s"]} for r, s in zip(log(tmp_path / "full"), log(out))]
+    assert [r["step"] for r in train_log(out)] == list(range(1, 41))  # the log continues where the checkpoint was
+    uninterrupted = train_log(tmp_path / "full")
+    assert train_log(out) == [{**r, "tokens_per_s": s["tokens_per_s"]} for r, s in zip(uninterrupted, train_log(out))]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-35", "step-40"]  # the last two
 
 

@@ -2,10 +2,8 @@
 that step, the best step is the log's minimum and survives a resume, the held-out records are chosen by the seed
 and never trained on, the training is the same with validation as without, and 2 ranks validate like 1 process."""
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +12,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train
-from conftest import REPO, TRAIN_SMALL, free_port
 from adapters import load_adapter
+from conftest import REPO, TRAIN_SMALL, script_env, torchrun_command, train_log
 from data import DEMO_DIR, DataError, build_prompt, encode_train, hold_out, load_records
-from model.loss import IGNORE
 from model.loader import load_model
+from model.loss import IGNORE
 from model.tokenizer import load_tokenizer
-from runtime.files import read_jsonl
 from study import training
 from study.rundir import LOG
 
@@ -28,23 +25,16 @@ from study.rundir import LOG
 SMALL = [*TRAIN_SMALL, "--logging-steps", "1", "--method", "lora", "--batch-size", "4"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
 def run_train(*args):
     train.main([*SMALL, *map(str, args)])
 
 
-def log(out) -> list[dict]:
-    return read_jsonl(Path(out) / LOG)
-
-
 def val_rows(out) -> list[tuple[int, float]]:
-    return [(r["step"], r["val_loss"]) for r in log(out) if "val_loss" in r]
+    return [(r["step"], r["val_loss"]) for r in train_log(out) if "val_loss" in r]
 
 
 def train_rows(out) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log(out) if "loss" in r]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in train_log(out) if "loss" in r]
 
 
 def results(out) -> dict:
@@ -175,6 +165,7 @@ def test_validation_changes_nothing_in_training(tmp_path):
 # ---------------------------------------------------------------- 2 ranks == 1 process
 
 
+@pytest.mark.slow
 def test_two_fsdp_ranks_validate_like_one_process(tmp_path):
     """9 held-out samples in global batches of 4: rank 1's share of the last one is empty (an uncounted pass, as
     FSDP2 gathers weights in every forward). Full fine-tuning: the root's trainable embeddings and output layer
@@ -183,11 +174,9 @@ def test_two_fsdp_ranks_validate_like_one_process(tmp_path):
     common = ["--method", "full", "--lr", 3e-3, "--max-steps", 4, "--val-size", 9, "--eval-steps", 2,
               "--save-steps", 2]
     run_train(*common, "--output-dir", tmp_path / "one")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "train.py", *SMALL, *map(str, common), "--batch-size", "2", "--dist", "fsdp", "--output-dir",
-           str(tmp_path / "two")]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    cmd = torchrun_command(2, "train.py", *SMALL, *common, "--batch-size", 2, "--dist", "fsdp", "--output-dir",
+                           tmp_path / "two")
+    done = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     one, two = val_rows(tmp_path / "one"), val_rows(tmp_path / "two")
     assert [s for s, _ in one] == [s for s, _ in two] == [2, 4]
