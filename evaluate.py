@@ -40,8 +40,8 @@ from model.loader import load_model
 from model.loss import IGNORE, linear_cross_entropy, next_token_targets
 from model.quant import MODES as QUANT_MODES, quantize_model
 from model.tokenizer import load_tokenizer
-from runtime.files import append_jsonl, digest, explain, read_jsonl, write_json, write_jsonl
-from runtime.flags import COUNT, POSITIVE, PROBABILITY, from_flags, number
+from runtime.files import append_jsonl, digest, drop_torn_tail, explain, read_jsonl, write_json, write_jsonl
+from runtime.flags import COUNT, FINITE, POSITIVE, PROBABILITY, from_flags, number
 from runtime.precision import DTYPES, add_precision_arg, precision
 from runtime.process import gather, init_distributed, say_once
 from study.fingerprint import adapter_sha256, code_fingerprint, data_fingerprint, git_commit
@@ -107,7 +107,7 @@ def parse_args(argv=None) -> Settings:
     g.add_argument("--max-length", type=number(int, low=3), default=768, help="prompt + answer tokens at most")
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     g.add_argument("--top-p", type=PROBABILITY, default=0.7, help="nucleus sampling mass, in (0, 1]")
-    g.add_argument("--temperature", type=float, default=0.95, help="> 0 (sampling); --greedy for argmax decoding")
+    g.add_argument("--temperature", type=FINITE, default=0.95, help="> 0 (sampling); --greedy for argmax decoding")
     g.add_argument("--seed", type=int, default=42, help="sample i draws from a generator seeded by (seed, i)")
     g.add_argument("--seeds", type=seed_list,
                    help="comma-separated, e.g. 42,1,2: sample every set once per seed (OUTPUT_DIR/seed-S/<set>/), "
@@ -264,10 +264,16 @@ def evaluate_dataset(model, tokenizer, identity: dict, name: str, samples: list[
 
 
 def resumed_predictions(out_dir: Path, key: str, rank: int) -> dict[int, dict]:
-    """Rank 0: the records of an interrupted evaluation with the same key, by sample index; other ranks: {}."""
+    """Rank 0: the records of an interrupted evaluation with the same key, by sample index; other ranks: {}. A
+    record the interruption (a kill, a full disk) left unfinished is dropped, with one line: it is generated again."""
     if rank != 0:
         return {}
-    return {r["index"]: r for f in sorted(out_dir.glob(partial_predictions(key, "*"))) for r in read_jsonl(f)}
+    done = {}
+    for f in sorted(out_dir.glob(partial_predictions(key, "*"))):
+        if drop_torn_tail(f):
+            print(f"{f}: dropped its last record, which an interrupted write left unfinished; it is generated again")
+        done.update((r["index"], r) for r in read_jsonl(f))
+    return done
 
 
 def skipped(done: dict, world: int) -> set[int]:
@@ -469,7 +475,7 @@ def table(s: Settings, rank: int, world: int, device) -> str:
     runs = read_runs(runs_dir, datasets)
     if not runs:
         raise FileNotFoundError(f"{runs_dir}: no */run.json; launch.sh writes one per run")
-    missing = [(run, [n for n in datasets if run["metrics"][n] is None]) for run in runs]
+    missing = [(run, [n for n in datasets if run["metrics"][n] is None]) for run in runs]  # damaged ones too
     missing = [(run, names) for run, names in missing if names]
     if s.load.model is not None and missing:
         for run, names in missing:
@@ -482,8 +488,10 @@ def table(s: Settings, rank: int, world: int, device) -> str:
     text = write_results(runs_dir, runs, datasets, s.bold_top)
     print(text, end="")
     for run, names in missing:
-        print(f"missing: run {run['id']} ({run['dir']}) has no metrics for {', '.join(names)}; "
-              "pass --model to evaluate it")
+        names = [n for n in names if n not in run["unreadable"]]  # the table names those
+        if names:
+            print(f"missing: run {run['id']} ({run['dir']}) has no metrics for {', '.join(names)}; "
+                  "pass --model to evaluate it")
     return text
 
 

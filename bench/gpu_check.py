@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from model.chatglm import ATTENTION_KERNELS, ChatGLMModel  # noqa: E402
 from model.config import ChatGLMConfig  # noqa: E402
+from runtime.flags import POSITIVE  # noqa: E402
 
 TRAIN_CASES = {  # name -> bench/train.py method flags
     "LoRA QKV last 3": ["--method", "lora", "--target", "qkv", "--layers", "3"],
@@ -128,7 +129,7 @@ def markdown(result: dict) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_check", help="directory for gpu_check.json and gpu_check.md")
-    p.add_argument("--budget", type=float, default=420, help="seconds; measurements that no longer fit are skipped")
+    p.add_argument("--budget", type=POSITIVE, default=420, help="seconds; measurements that no longer fit are skipped")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_check.py needs a CUDA GPU")

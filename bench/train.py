@@ -39,6 +39,7 @@ from model.config import PRESETS, ChatGLMConfig  # noqa: E402
 from model.loader import load_config  # noqa: E402
 from model.loss import IGNORE, n_targets  # noqa: E402
 from runtime.files import write_json  # noqa: E402
+from runtime.flags import POSITIVE  # noqa: E402
 from runtime.precision import DTYPES, add_precision_arg, precision  # noqa: E402
 from runtime.process import peak_memory_bytes  # noqa: E402
 
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="train.py --compile: torch.compile each block")
     p.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa",
                    help="attention kernel (FlexAttention trains on a GPU only)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="GPU peak bf16 dense TFLOP/s (default: by name)")
+    p.add_argument("--peak-tflops", type=POSITIVE, default=None, help="GPU peak bf16 dense TFLOP/s (default: by name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     return p.parse_args(argv)

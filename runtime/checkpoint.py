@@ -8,13 +8,16 @@ uninterrupted one bit for bit.
                                 the loop's counters (train.py's Progress), "scheduler", "scaler",
                                 "rng" (every rank's generators, in rank order), "world_size"
 
-The data position follows from the step.
+The data position follows from the step. A checkpoint a damaged disk or a hand left unreadable is passed over
+for the previous one (`resumable`).
 """
+import json
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .files import replace_dir, writing
 from .process import all_gather, rng_state, set_rng_state
@@ -33,6 +36,37 @@ def latest(directory: Path) -> Path | None:
     """The latest complete checkpoint in `directory`, or None."""
     done = [p for _, p in steps(directory) if (p / STATE).is_file()]
     return done[-1] if done else None
+
+
+def resumable(directory: Path) -> tuple[Path | None, list[str]]:
+    """The latest complete checkpoint whose every file reads, and what is wrong with each later one ("step-8
+    (optimizer.pt: ...)"); (None, ...) where none reads."""
+    damaged = []
+    for _, path in reversed(steps(directory)):
+        if not (path / STATE).is_file():
+            continue
+        problem = unreadable(path)
+        if problem is None:
+            return path, damaged
+        damaged.append(f"{path.name} ({problem})")
+    return None, damaged
+
+
+def unreadable(checkpoint: Path) -> str | None:
+    """What keeps a checkpoint's files from loading (the first one, in a few words), or None: torch files are
+    opened memory-mapped (a truncated one has no zip directory), safetensors by their header, JSON parsed."""
+    for file in sorted(checkpoint.iterdir()):
+        try:
+            if file.suffix == ".pt":
+                torch.load(file, mmap=True, weights_only=file.name != STATE)  # trainer_state: our own RNG tuples
+            elif file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as f:
+                    f.keys()
+            elif file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+        except Exception as e:  # whatever the reader says: the file cannot be resumed from
+            return f"{file.name}: {str(e).split('. ')[0].splitlines()[0] if str(e) else type(e).__name__}"
+    return None
 
 
 def trainable_state(model) -> dict:

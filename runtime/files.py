@@ -41,13 +41,14 @@ def jsonl_line(row: dict) -> str:
 
 
 def read_jsonl(path) -> list[dict]:
-    """Records of a jsonl file; a line cut short by an interrupted write is ignored."""
+    """Records of a jsonl file, decoded line by line: a line cut short by an interrupted write (a kill, a full
+    disk: even in the middle of a character) is left out. Lines end at "\n" only (U+2028 is text)."""
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
                 out.append(json.loads(line))
-            except json.JSONDecodeError:
+            except ValueError:  # json.JSONDecodeError, UnicodeDecodeError
                 continue
     return out
 
@@ -58,17 +59,28 @@ def write_jsonl(path, rows: list[dict]):
 
 
 def append_jsonl(path, rows: list[dict]):
-    """Whole lines, flushed to disk: a log that survives a kill up to its last whole line. A line an
-    interrupted write left unfinished stays alone on its line (read_jsonl skips it)."""
-    with open(path, "a+", encoding="utf-8") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() > 0:
-            f.seek(f.tell() - 1)
-            if f.read(1) != "\n":
-                f.write("\n")
-        f.write("".join(jsonl_line(r) for r in rows))
+    """Whole lines in one write, flushed to disk: a file that survives a kill up to its last whole line. A line an
+    interrupted write left unfinished is cut off first (drop_torn_tail), so the file holds whole records only."""
+    drop_torn_tail(path)
+    with open(path, "ab") as f:
+        f.write("".join(jsonl_line(r) for r in rows).encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
+
+
+def drop_torn_tail(path) -> bool:
+    """Cut off the end of a file that is not a whole line (what a kill or a full disk leaves in the middle of a
+    write); -> whether there was one. A missing file has none."""
+    try:
+        with open(path, "r+b") as f:
+            data = f.read()
+            whole = data.rfind(b"\n") + 1
+            if whole == len(data):
+                return False
+            f.truncate(whole)
+            return True
+    except FileNotFoundError:
+        return False
 
 
 def digest(content, algorithm: str = "sha256", length: int = 16) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from runtime.files import digest, file_digest, read_json
 
 from .grid import EVAL_SETS
-from .rundir import RUN_JSON, TRAIN_RESULTS, set_metrics
+from .rundir import RUN_JSON, TRAIN_RESULTS, RunFileError, set_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torch", "numpy", "sentencepiece", "safetensors", "jieba", "rouge-chinese", "nltk")
@@ -92,7 +92,10 @@ def run_needs(run_dir: Path, rerun_stale: bool = False, code: str | None = None)
     train = None if base_row else read_json(run_dir / TRAIN_RESULTS)
     if not base_row and (train is None or not trained or (rerun_stale and other_code(train, code))):
         return "train"
-    scores = [set_metrics(run_dir, name) for name in EVAL_SETS]
+    try:
+        scores = [set_metrics(run_dir, name) for name in EVAL_SETS]
+    except RunFileError:  # damaged: evaluated again
+        return "eval"
     if any(m is None for m in scores):
         return "eval"
     adapter = None if base_row else adapter_sha256(run_dir)

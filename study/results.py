@@ -17,11 +17,12 @@ from runtime.files import read_json, write_text
 from .fingerprint import code_fingerprint, made_by_other_code
 from .grid import GRID
 from .metrics import METRICS, TITLES, score_stats
-from .rundir import RUN_JSON, TRAIN_RESULTS, set_metrics, set_scores
+from .rundir import RUN_JSON, TRAIN_RESULTS, RunFileError, set_metrics, set_scores
 from .stats import LEVEL, METHOD, RESAMPLES, SEED, paired_difference, significant
 
 RUN_COLUMNS = ("id", "method", "target", "layers", "aux")
 BASE_ID = next(row.id for row in GRID if row.method == "none")  # every other row is compared with the base model
+UNREADABLE = "?"  # a cell whose files are there but damaged (study.rundir.RunFileError)
 OTHER_CODE = "†"  # marks a run whose numbers came from other code than this checkout's (fingerprint.py)
 ABOVE, BELOW = "▲", "▼"  # the paired interval of the difference from run 0 lies above / below 0
 LEGEND = (
@@ -44,15 +45,22 @@ def columns() -> list[tuple[str, str, int, int]]:
 
 def read_runs(runs_dir: Path, datasets: list[str], code: str | None = None) -> list[dict]:
     """Every runs_dir/*/run.json with its metrics and per-sample scores per evaluation set (None where missing),
-    sorted by id; run["other_code"] is True when its training or scores were made by other code than `code` (this
+    sorted by id; run["unreadable"][set] says what is wrong with a set's files that are there but damaged (its cells
+    show "?"); run["other_code"] is True when its training or scores were made by other code than `code` (this
     checkout's); run["vs_base"][set][key] = (mean difference from run 0, low, high) where both have scores."""
     code = code or code_fingerprint()
     runs = []
     for run_json in runs_dir.glob(f"*/{RUN_JSON}"):
         run = json.loads(run_json.read_text(encoding="utf-8"))
         run["dir"] = run_json.parent
-        run["metrics"] = {name: set_metrics(run["dir"], name) for name in datasets}
-        run["scores"] = {name: set_scores(run["dir"], name) for name in datasets}
+        run["metrics"], run["scores"], run["unreadable"] = {}, {}, {}
+        for name in datasets:
+            try:
+                run["metrics"][name] = set_metrics(run["dir"], name, numbers=(*METRICS, "nll", "ppl"))
+                run["scores"][name] = set_scores(run["dir"], name)
+            except RunFileError as e:
+                run["metrics"][name] = run["scores"][name] = None
+                run["unreadable"][name] = str(e)
         train = read_json(run["dir"] / TRAIN_RESULTS) if run.get("method", "none") != "none" else None
         run["other_code"] = made_by_other_code(train, list(run["metrics"].values()), code)
         runs.append(run)
@@ -72,7 +80,8 @@ def pool_seeds(group: list[dict], datasets: list[str]) -> dict:
     missing (None) unless every seed scored the same samples. One run stays as it is."""
     if len(group) == 1:
         return group[0]
-    row = {**group[0], "seeds": [r.get("seed") for r in group], "other_code": any(r["other_code"] for r in group)}
+    row = {**group[0], "seeds": [r.get("seed") for r in group], "other_code": any(r["other_code"] for r in group),
+           "unreadable": {name: e for r in group for name, e in r["unreadable"].items()}}
     row["metrics"], row["scores"] = {}, {}
     for name in datasets:
         scores = [r["scores"][name] for r in group]
@@ -148,6 +157,7 @@ def table_rows(runs: list[dict], datasets: list[str], top: int) -> list[list[str
             best = sorted(shown, reverse=better > 0)[:top] if better else []
             for row, run, v in zip(rows, runs, values):
                 text = "-" if v is None else cell(v, decimals, key == "nll-change")
+                text = UNREADABLE if name in run["unreadable"] else text
                 if v is not None and round(v[0], decimals) in best:
                     text = f"**{text}**"
                 row.append(text + seed_sd(run, name, key) + mark(run, name, key))
@@ -167,6 +177,9 @@ def markdown_table(runs: list[dict], datasets: list[str], top: int) -> str:
     if any(run["other_code"] for run in runs):
         text += (f"\n{OTHER_CODE} made by other code than this checkout's (its fingerprint differs): "
                  "`bash launch.sh --rerun-stale` redoes these runs\n")
+    for run in runs:
+        for problem in run["unreadable"].values():
+            text += f"\n{UNREADABLE} run {run['id']}: {problem}; `bash launch.sh {run['id']}` evaluates it again\n"
     return text
 
 

@@ -1,5 +1,5 @@
 """A run directory: every file name in it (what train.py, evaluate.py and launch.sh write), and reading a run's
-scores. Imports no torch: `python -m study next` reads it once per run.
+scores, checked. Imports no torch: `python -m study next` reads it once per run.
 
     run.json                 launch.sh's runs: the grid row and the commands that made it (study/grid.py)
     run_config.json          train.py: every argument, world size, seed, library versions, git commit
@@ -14,9 +14,10 @@ scores. Imports no torch: `python -m study next` reads it once per run.
         generated_predictions.jsonl, scores.jsonl, metrics.json
         generated_predictions.partial-<key>.rank<r>.jsonl     an interrupted evaluation's finished batches
 """
+import json
 from pathlib import Path
 
-from runtime.files import read_json, read_jsonl
+from runtime.files import read_json
 
 RUN_JSON = "run.json"
 RUN_CONFIG = "run_config.json"
@@ -34,12 +35,46 @@ def partial_predictions(key: str, rank: int | str) -> str:
     return f"generated_predictions.partial-{key}.rank{rank}.jsonl"
 
 
-def set_metrics(run_dir: Path, dataset: str) -> dict | None:
-    """A run's metrics.json for one evaluation set, or None where it has none (yet)."""
-    return read_json(Path(run_dir) / EVAL / dataset / METRICS)
+class RunFileError(ValueError):
+    """A file of a run that is there but cannot be used (cut short, edited): the message names it and the fault."""
+
+
+def set_metrics(run_dir: Path, dataset: str, numbers=()) -> dict | None:
+    """A run's metrics.json for one evaluation set, or None where it has none (yet). Every value with an interval
+    and each of `numbers` present (the scores the table shows) must be a number, an interval two numbers, else
+    RunFileError."""
+    path = Path(run_dir) / EVAL / dataset / METRICS
+    if not path.is_file():
+        return None
+    m = read_json(path)
+    if not isinstance(m, dict) or not isinstance(m.get("interval", {}), dict):
+        raise RunFileError(f"{path}: not a metrics.json that evaluate.py writes (cut short or edited)")
+    bad = [k for k, bounds in m.get("interval", {}).items()
+           if not (is_number(m.get(k)) and isinstance(bounds, list) and len(bounds) == 2
+                   and all(map(is_number, bounds)))]
+    bad += [k for k in numbers if m.get(k) is not None and not is_number(m[k]) and k not in bad]
+    if bad:
+        raise RunFileError(f"{path}: {', '.join(bad)}: not a number with an interval of two numbers")
+    return m
 
 
 def set_scores(run_dir: Path, dataset: str) -> list[dict] | None:
-    """A run's per-sample scores for one evaluation set, or None where it has none (yet)."""
+    """A run's per-sample scores for one evaluation set (an integer "index" and numbers per line), or None where it
+    has none (yet); RunFileError where a line is not such a row."""
     path = Path(run_dir) / EVAL / dataset / SCORES
-    return read_jsonl(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    rows = []
+    for i, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("index"), int) and all(map(is_number, row.values()))):
+            raise RunFileError(f"{path}: line {i} is not a sample's index and scores (cut short or edited)")
+        rows.append(row)
+    return rows
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from adapters.files import ADAPTER_FILES, write_adapter
 from runtime import checkpoint
 from runtime.files import read_jsonl, write_json, write_jsonl
+from runtime.process import say_once
 
 from .fingerprint import git_commit, library_versions
 from .rundir import CHECKPOINTS, LOG, LOSS_PLOT, RUN_CONFIG, TRAIN_RESULTS
@@ -70,7 +71,13 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool) -> 
     if not resume:
         raise ValueError(f"{out} already holds this run; pass --resume to continue it from its latest "
                          "checkpoint or --overwrite to start over")
-    return checkpoint.latest(out / CHECKPOINTS)
+    latest, damaged = checkpoint.resumable(out / CHECKPOINTS)
+    if damaged and latest is None:
+        raise ValueError(f"{out / CHECKPOINTS}: no checkpoint can be read ({'; '.join(damaged)}); pass --overwrite "
+                         "to start over")
+    if damaged:
+        say_once(f"{out / CHECKPOINTS}: cannot read {'; '.join(damaged)}; resuming from {latest.name}")
+    return latest
 
 
 def start_run(out: Path, config: dict, resumed_step: int | None):

@@ -36,6 +36,33 @@ def test_train_refuses_a_bad_number(flag, bad, capsys):
     assert f"argument {flag}:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay", "--max-grad-norm", "--save-minutes", "--dist-timeout",
+                                  "--lora-alpha", "--lora-dropout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_train_refuses_nan_and_infinity(flag, value, capsys):
+    """nan passes every comparison (nan <= 0 is False): each float flag checks finiteness first."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--model", "tiny", f"{flag}={value}"])  # "=": argparse would read -inf as a flag
+    assert e.value.code == 2
+    assert f"argument {flag}: expected a finite number, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--temperature", "--top-p", "--timeout-minutes"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_evaluate_refuses_nan_and_infinity(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(["--model", "tiny", flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: expected a finite number, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, flag", [("bench/train.py", "--peak-tflops"), ("bench/gpu_check.py", "--budget")])
+def test_the_benchmarks_refuse_nan(script, flag):
+    done = subprocess.run([sys.executable, script, flag, "nan"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and f"argument {flag}: expected a finite number, got nan" in done.stderr
+
+
 def test_train_accepts_the_documented_zeros():
     s = train.parse_args(["--model", "tiny", "--max-steps", "0", "--save-steps", "0", "--lora-dropout", "0",
                           "--warmup-steps", "0", "--max-grad-norm", "0"])

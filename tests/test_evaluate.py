@@ -1,6 +1,7 @@
 """evaluate.py: the comparison table (intervals, comparisons with run 0), recomputing metrics, end-to-end
 evaluation of the tiny preset, the NLL of the reference answers against the training loss, several seeds, resume,
 1 vs 2 processes, and the errors raised before any generation starts."""
+import errno
 import io
 import json
 import math
@@ -24,7 +25,7 @@ from model.loader import load_model
 from model.loss import IGNORE, token_loss_sum
 from model.tokenizer import load_tokenizer
 from study import results
-from study.fingerprint import code_files, code_fingerprint
+from study.fingerprint import code_files, code_fingerprint, run_needs
 from study.metrics import METRICS, TITLES, sample_scores, score_stats
 from study.stats import bootstrap_interval, paired_difference
 
@@ -449,6 +450,66 @@ def test_resume_does_not_redo_written_predictions(tmp_path, monkeypatch):
     fresh = (tmp_path / "fresh" / "alpaca_gpt4_zh" / "generated_predictions.jsonl").read_text(encoding="utf-8")
     assert resumed == fresh
     assert not list((tmp_path / "run" / "alpaca_gpt4_zh").glob("*partial*"))
+
+
+def test_a_full_disk_mid_record_then_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+    """A disk that fills while a batch is appended leaves its last record cut short, in the middle of a character;
+    the same command drops that record with one line, generates it again, and ends with what an uninterrupted
+    evaluation writes."""
+    args = TINY + ["--dataset", "roleplay_all_test", "--batch-size", "2", "--output-dir"]
+    real = evaluate.append_jsonl
+
+    def disk_fills(path, rows):
+        if Path(path).exists():  # the second batch: half of its bytes reach the disk
+            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+            with open(path, "ab") as f:
+                f.write(data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, rows)
+
+    monkeypatch.setattr(evaluate, "append_jsonl", disk_fills)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(args + [str(tmp_path / "run")])
+    assert e.value.code == 1 and "disk is full" in capsys.readouterr().err
+    (partial,) = (tmp_path / "run" / "roleplay_all_test").glob("generated_predictions.partial-*.jsonl")
+    with pytest.raises(UnicodeDecodeError):
+        partial.read_bytes().decode("utf-8")  # cut in the middle of a character
+    monkeypatch.setattr(evaluate, "append_jsonl", real)
+    evaluate.main(args + [str(tmp_path / "run")])
+    assert capsys.readouterr().out.count("dropped its last record, which an interrupted write left unfinished") == 1
+    evaluate.main(args + [str(tmp_path / "fresh")])
+    written = [(tmp_path / d / "roleplay_all_test" / "generated_predictions.jsonl").read_text(encoding="utf-8")
+               for d in ("run", "fresh")]
+    assert written[0] == written[1] and len(written[0].splitlines()) == 4
+
+
+def test_a_damaged_metrics_file_is_named_and_the_other_rows_stay(tmp_path, capsys):
+    for i, scores in ((0, [1.0, 2.0, 3.0, 4.0]), (1, [5.0, 6.0, 7.0, 8.0]), (2, [2.0, 2.0, 2.0, 2.0])):
+        write_run(tmp_path, f"{i}-run", {"id": i, "method": "lora" if i else "none", "target": "-", "layers": "-",
+                                          "aux": False}, {s: scores for s in SETS})
+    bad = tmp_path / "1-run" / "eval" / "alpaca_gpt4_zh" / "metrics.json"
+    bad.write_text(bad.read_text().replace('"bleu-4": 5.0', '"bleu-4": "abc"'))
+    cut = tmp_path / "2-run" / "eval" / "roleplay_all_test" / "metrics.json"
+    cut.write_text(cut.read_text()[:20])
+    evaluate.main(["--runs", str(tmp_path), "--dataset", ",".join(SETS)])
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0]: [c.strip("*") for c in line.split(" | ")]  # unbolded
+            for line in out.splitlines() if line.startswith("| ")}
+    assert rows["| 0"][5:9] == ["1.00", "2.00", "3.00", "4.00"]
+    assert rows["| 1"][5:9] == ["5.00", "6.00", "7.00", "8.00"] and rows["| 1"][12:16] == ["?"] * 4
+    assert rows["| 2"][5:9] == ["?"] * 4 and rows["| 2"][12:16] == ["2.00"] * 4
+    assert f"? run 1: {bad}: bleu-4: not a number" in out
+    assert f"? run 2: {cut}: not a metrics.json that evaluate.py writes" in out
+    assert "missing:" not in out
+
+
+def test_a_damaged_metrics_file_is_evaluated_again(tmp_path):
+    write_run(tmp_path, "0-base", {"id": 0, "method": "none", "target": "-", "layers": "-", "aux": False},
+              {s: [1.0, 2.0, 3.0, 4.0] for s in SETS})
+    assert run_needs(tmp_path / "0-base") == "done"
+    metrics = tmp_path / "0-base" / "eval" / SETS[1] / "metrics.json"
+    metrics.write_text(metrics.read_text()[:-5])
+    assert run_needs(tmp_path / "0-base") == "eval"
 
 
 @pytest.mark.slow

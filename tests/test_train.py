@@ -150,6 +150,31 @@ def test_full_fine_tuning_of_a_tied_model_on_two_ranks_equals_one_process(tmp_pa
 
 # ---------------------------------------------------------------- exact resume
 
+def test_resume_passes_over_a_damaged_checkpoint(tmp_path, capsys):
+    """A latest checkpoint that no longer reads (here its optimizer state cut to 100 bytes) is named, and the run
+    resumes from the one before it, ending where the uninterrupted run ends; with none readable, one line."""
+    flags = ["--method", "lora", "--max-steps", 6, "--batch-size", 2, "--save-steps", 2]
+    run_train(*flags, "--output-dir", tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole", tmp_path / "run")
+    (tmp_path / "run" / "train_results.json").unlink()  # as if killed after its last checkpoint
+    damaged = tmp_path / "run" / CHECKPOINTS / "step-6" / checkpoint.OPTIMIZER
+    with open(damaged, "r+b") as f:
+        f.truncate(100)
+    capsys.readouterr()
+    run_train(*flags, "--output-dir", tmp_path / "run", "--resume")
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'run' / CHECKPOINTS}: cannot read step-6 (optimizer.pt: " in out
+    assert "); resuming from step-4" in out
+    assert "resuming at step 4 from" in out
+    whole, resumed = adapter(tmp_path / "whole"), adapter(tmp_path / "run")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    (tmp_path / "run" / "train_results.json").unlink()
+    for step in (4, 6):
+        (tmp_path / "run" / CHECKPOINTS / f"step-{step}" / checkpoint.STATE).write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"no checkpoint can be read \(step-6 \(trainer_state.pt: .*step-4 .*--overwrite"):
+        run_train(*flags, "--output-dir", tmp_path / "run", "--resume")
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     """Dropout on (LoRA 0.1): the resumed run must restore the RNG, the optimizer, the schedule and the
