@@ -10,6 +10,7 @@ train.py / evaluate.py as a subprocess for seconds.
 import dataclasses
 import json
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -146,6 +147,11 @@ def one_thread():
 
 
 def pytest_configure(config):
+    # A shell that starts a command in the background (`cmd &`, nohup) starts it with SIGINT ignored, and every
+    # process it starts inherits that: the Ctrl-C tests' scripts would not see their SIGINT. Python's own handler
+    # here is reset to the default in each child.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "slow: runs a script end to end (launch.sh, torchrun, a pseudo-terminal, "
                                        "torch.compile, train.py / evaluate.py as a subprocess for seconds); "
                                        "`pytest -m 'not slow'` leaves it out")
