@@ -80,3 +80,5 @@ if __name__ == "__main__":
     except ValueError as e:
         print(f"launch.sh: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `launch.sh --dry-run | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes

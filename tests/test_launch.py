@@ -153,6 +153,12 @@ def test_every_id_maps_to_the_grid_on_the_released_depth(model_6b):
     assert len({r["name"] for r in runs.values()}) == 23
 
 
+def test_a_dry_run_read_in_part_ends_quietly():
+    done = subprocess.run("bash launch.sh --dry-run | head -1", shell=True, cwd=REPO, capture_output=True, text=True,
+                          env=launcher_env(), timeout=60)
+    assert done.stdout.startswith("# base model for the demo") and done.stderr == ""
+
+
 def test_multi_gpu_runs_through_torchrun(model_6b):
     runs = dry_run({"MODEL": str(model_6b), "NPROC": "8"}, 17)
     for cmd in runs[17]["cmds"]:
