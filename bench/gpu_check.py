@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from model.chatglm import ATTENTION_KERNELS, ChatGLMModel  # noqa: E402
 from model.config import ChatGLMConfig  # noqa: E402
+from runtime.files import write_json  # noqa: E402
 from runtime.flags import POSITIVE  # noqa: E402
 
 TRAIN_CASES = {  # name -> bench/train.py method flags
@@ -159,7 +160,7 @@ def main():
     result["wall_s"] = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "gpu_check.json", result)
     (out / "gpu_check.md").write_text(markdown(result))
     print(markdown(result))
 
