@@ -58,7 +58,7 @@ def unreadable(checkpoint: Path) -> str | None:
     for file in sorted(checkpoint.iterdir()):
         try:
             if file.suffix == ".pt":
-                torch.load(file, mmap=True, weights_only=file.name != STATE)  # trainer_state: our own RNG tuples
+                torch.load(file, mmap=True, weights_only=True)  # no code runs from a file
             elif file.suffix == ".safetensors":
                 with safe_open(str(file), framework="pt") as f:
                     f.keys()
@@ -125,7 +125,7 @@ def write(directory: Path, step: int, write_weights, optim: dict, state: dict):
 def load(checkpoint: Path, model, optimizer, scheduler, scaler, fsdp: bool, rank: int, device) -> dict:
     """The optimizer, schedule, loss scaler and this rank's generators as they were after the checkpoint's step
     (the trained weights are the caller's); -> the loop's counters that `save` was given."""
-    state = torch.load(checkpoint / STATE, weights_only=False)  # our own file: RNG tuples
+    state = torch.load(checkpoint / STATE, weights_only=True)  # tensors and plain values only: no code runs
     load_optimizer_state(model, optimizer, checkpoint / OPTIMIZER, fsdp, rank == 0)
     scheduler.load_state_dict(state.pop("scheduler"))
     scaler.load_state_dict(state.pop("scaler"))

@@ -50,8 +50,11 @@ def gather(obj, rank: int, world: int) -> list | None:
 
 
 def rng_state(device: torch.device) -> dict:
-    """Every generator a training step draws from (dropout, Python and NumPy shuffles): saved per rank."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator a training step draws from (dropout, Python and NumPy shuffles): saved per rank. Tensors,
+    numbers and tuples only, so that a checkpoint loads with torch.load(weights_only=True): no code runs from it."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -59,7 +62,8 @@ def rng_state(device: torch.device) -> dict:
 
 def set_rng_state(state: dict, device: torch.device):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)

@@ -175,6 +175,31 @@ def test_resume_passes_over_a_damaged_checkpoint(tmp_path, capsys):
         run_train(*flags, "--output-dir", tmp_path / "run", "--resume")
 
 
+class Payload:
+    """A pickle that runs code when unpickled: it creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_resume_runs_no_code_from_a_planted_pickle(tmp_path, capsys):
+    """A run directory from someone else: its latest trainer_state.pt is a pickle that would create a file when
+    loaded. --resume reads every checkpoint file with weights_only=True, passes over that one, and runs nothing."""
+    flags = ["--method", "lora", "--max-steps", 4, "--batch-size", 2, "--save-steps", 2, "--output-dir", tmp_path / "run"]
+    run_train(*flags)
+    (tmp_path / "run" / "train_results.json").unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 4, "trap": Payload(marker)}, tmp_path / "run" / CHECKPOINTS / "step-4" / checkpoint.STATE)
+    capsys.readouterr()
+    run_train(*flags, "--resume")
+    out = capsys.readouterr().out
+    assert "cannot read step-4 (trainer_state.pt: " in out and "resuming from step-2" in out
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     """Dropout on (LoRA 0.1): the resumed run must restore the RNG, the optimizer, the schedule and the
