@@ -73,11 +73,14 @@ def drop_torn_tail(path) -> bool:
     write); -> whether there was one. A missing file has none."""
     try:
         with open(path, "r+b") as f:
-            data = f.read()
-            whole = data.rfind(b"\n") + 1
-            if whole == len(data):
+            end = f.seek(0, os.SEEK_END)
+            if end == 0:
                 return False
-            f.truncate(whole)
+            f.seek(end - 1)
+            if f.read(1) == b"\n":  # the common case: the last byte alone is read
+                return False
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
             return True
     except FileNotFoundError:
         return False
