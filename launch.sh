@@ -7,6 +7,7 @@
 #   bash launch.sh                 # every id; finished runs are skipped, interrupted ones resumed
 #   bash launch.sh 14 17           # chosen ids
 #   bash launch.sh --rerun-stale   # also redo runs finished by other code
+#   bash launch.sh --retrain-base  # the demo: make its base model again in RUNS/base-model (the grid then uses it)
 #   bash launch.sh --dry-run [ids] # print every chosen run's commands, run nothing (needs no torch)
 #
 # Ctrl-C stops every run; the same command resumes them from their checkpoints (saved every 2 minutes of
@@ -15,9 +16,9 @@
 # RUNS/base-train.log.
 #
 # Environment:
-#   MODEL     checkpoint directory (a downloaded THUDM/chatglm-6b). Unset: the embedded default, a tiny
-#             ChatGLM first trained here on the bundled general-knowledge data, then fine-tuned on the
-#             bundled role-play data, on CPU.
+#   MODEL     checkpoint directory (a downloaded THUDM/chatglm-6b). Unset: the demo, a tiny ChatGLM trained on
+#             the bundled general-knowledge data (committed: data/demo/base-model), fine-tuned on the bundled
+#             role-play data, on CPU, each run on one thread with its code paths pinned (study/grid.py).
 #   DATA_DIR  dataset directory with dataset_info.json (default: the bundled demo data without MODEL,
 #             ../shared/data with it when present)
 #   NPROC     processes (GPUs) per run (default: the GPUs visible, else 1)
@@ -37,12 +38,12 @@ cd "$(dirname "$0")"
 HOLDER="pid $$, since $(date '+%F %T'): ${MODEL:+MODEL=$MODEL }bash $0 $*"  # for a second launcher's refusal
 DRY=0
 RERUN=""
-IDS=()
+ARGS=()  # for python -m study: ids (it checks them) and --retrain-base
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
         --rerun-stale) RERUN=--rerun-stale ;;
-        *) IDS+=("$arg") ;;  # python -m study checks them
+        *) ARGS+=("$arg") ;;
     esac
 done
 GPUS=$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | wc -l || echo 0)
@@ -50,14 +51,15 @@ export NPROC="${NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 1)}"
 
 if [ "$DRY" = 1 ]; then
     export PY="${PY:-python3}"
-    exec "$PY" -m study commands "${IDS[@]}"
+    exec "$PY" -m study commands "${ARGS[@]}"
 fi
 
-"${PY:-python3}" -m study plan "${IDS[@]}" >/dev/null || exit 2  # bad ids or settings: one line, before anything
+"${PY:-python3}" -m study plan "${ARGS[@]}" >/dev/null || exit 2  # bad ids or settings, a damaged base: one line
 [ -n "${PY:-}" ] || source scripts/env.sh
 export PY
-PLAN=$("$PY" -m study plan "${IDS[@]}")
+PLAN=$("$PY" -m study plan "${ARGS[@]}")
 field() { awk -F'\t' -v k="$1" '$1 == k {print $2}' <<<"$PLAN"; }
+for kv in $(field env); do export "$kv"; done  # the demo's pinned CPU code paths, for every command below
 RUNS=$(field runs)
 PARALLEL=$(field lanes)
 N=$(grep -c $'^run\t' <<<"$PLAN")
@@ -156,7 +158,7 @@ interrupted() {
 }
 trap interrupted INT TERM HUP
 
-if grep -q $'^base\t' <<<"$PLAN"; then  # the demo's base model: trained (resuming), its progress bar on screen; saved
+if grep -q $'^base\t' <<<"$PLAN"; then  # --retrain-base: trained (resuming), its progress bar on screen; saved
     IFS=$'\t' read -r _ BASE_TRAIN BASE_SAVE < <(grep $'^base\t' <<<"$PLAN")
     BASE_LOG=$(field base_log)
     base_model() {
@@ -167,6 +169,7 @@ if grep -q $'^base\t' <<<"$PLAN"; then  # the demo's base model: trained (resumi
     in_group base_model
     wait $! || { echo "[launch] base training failed: $BASE_LOG" >&2; exit 1; }
     $BASE_SAVE
+    "$PY" -m study base-made
 fi
 
 lanes=()
@@ -175,4 +178,5 @@ status=0
 for pid in "${lanes[@]}"; do wait "$pid" || status=1; done
 
 "$PY" evaluate.py --runs "$RUNS"
+[ "$(field compare)" = 1 ] && { "$PY" -m study compare "$RUNS" || true; }  # against the README's table
 exit $status

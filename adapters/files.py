@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from model.loader import read_shard
+from model.loader import read_shard, save_safetensors
 from runtime.files import digest, write_json, writing
 
 from .dispatch import METHODS, AdapterSpec, apply_adapter, trainable_state_dict
@@ -51,42 +51,51 @@ def arch_of(config) -> dict:
 
 
 def base_weights(model: nn.Module) -> dict | None:
-    """A cheap fingerprint of the frozen base weights an adapter is trained on: four frozen tensors spread over
-    the model (their names are stored with it). None where there is nothing to read: every tensor trained
-    (full), or the weights are on the meta device or sharded (train.py computes it before sharding)."""
+    """A cheap fingerprint of the frozen base weights an adapter is trained on: the `weights_sketch` of four frozen
+    tensors spread over the model (their names are stored with it). None where there is nothing to read: every
+    tensor trained (full), or the weights are on the meta device or sharded (train.py computes it before sharding)."""
     frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
     if not frozen or any(p.device.type == "meta" or hasattr(p, "full_tensor") for _, p in frozen):
         return None
     names = sorted({frozen[i * (len(frozen) - 1) // 3][0] for i in range(4)})
-    return {"tensors": names, "sha256": weights_hash(model, names)}
+    return {"tensors": names, "sketch": weights_sketch(model, names)}
 
 
-def weights_hash(model: nn.Module, names: list[str]) -> str:
-    """sha256 of up to 4096 evenly spaced values of each tensor, rounded to bfloat16 (so that the same model
-    loaded in bf16, fp16 or fp32 gives the same hash)."""
+SKETCH_SIGNS = torch.randint(0, 2, (8, 4096), generator=torch.Generator().manual_seed(0)).double() * 2 - 1
+SKETCH_TOLERANCE = 0.01
+
+
+def weights_sketch(model: nn.Module, names: list[str]) -> list[list[float]]:
+    """Per tensor, 8 sums of up to 4096 evenly spaced values with fixed random signs (SKETCH_SIGNS), over the values'
+    norm. Loading the same weights stored in bf16, fp16 or fp32 moves a sum by about 2e-3 of that norm (each value's
+    rounding error, at most 2^-9 of it, summed with random signs), far less than SKETCH_TOLERANCE; other weights
+    move it by about 1. A hash of rounded values cannot do this: fp32 -> fp16 -> bf16 rounds some values twice."""
     params = dict(model.named_parameters())
-    parts = []
+    sketch = []
     for name in names:
         t = params[name].detach().flatten()
-        sample = t[::max(1, t.numel() // 4096)][:4096].to("cpu", torch.bfloat16).float()
-        parts.append(name.encode() + sample.numpy().tobytes())
-    return digest(b"".join(parts))
+        sample = t[::max(1, t.numel() // 4096)][:4096].to("cpu", torch.float64)
+        sums = SKETCH_SIGNS[:, :sample.numel()] @ sample / sample.norm().clamp(min=1e-30)  # (8,)
+        sketch.append([round(x, 6) for x in sums.tolist()])
+    return sketch
 
 
 def check_base_weights(model: nn.Module, adapter_dir, force: bool = False):
-    """Refuse an adapter whose stored base-weights fingerprint differs from this model's (same shapes, other
-    weights: e.g. another fine-tune of the same architecture). Adapters without one (PEFT, older) pass."""
+    """Refuse an adapter whose stored base-weights sketch is not this model's (same shapes, other weights: e.g.
+    another fine-tune of the same architecture). Adapters without one (PEFT, older) pass."""
     meta_file = Path(adapter_dir) / "adapter.json"
     stored = json.loads(meta_file.read_text(encoding="utf-8"))["base_model"].get("weights") \
         if meta_file.is_file() else None
     params = dict(model.named_parameters())
-    if not stored or not all(n in params for n in stored["tensors"]):
+    if not stored or "sketch" not in stored or not all(n in params for n in stored["tensors"]):
         return
-    got = weights_hash(model, stored["tensors"])
-    if got != stored["sha256"] and not force:
-        raise ValueError(f"{meta_file}: this adapter was trained on other base weights (fingerprint "
-                         f"{stored['sha256']} of {', '.join(stored['tensors'])}; this model gives {got}). Load the "
-                         "base it was trained on (--model), or pass --force to apply it anyway")
+    got = torch.tensor(weights_sketch(model, stored["tensors"]), dtype=torch.float64)
+    off = (got - torch.tensor(stored["sketch"], dtype=torch.float64)).abs().max().item()
+    if off > SKETCH_TOLERANCE and not force:
+        raise ValueError(f"{meta_file}: this adapter was trained on other base weights (the sketch of "
+                         f"{', '.join(stored['tensors'])} differs by {off:.3f}, more than the {SKETCH_TOLERANCE} that "
+                         "storing them in another precision can explain). Load the base it was trained on (--model), "
+                         "or pass --force to apply it anyway")
 
 
 # ---------------------------------------------------------------- saving
@@ -122,7 +131,7 @@ def write_adapter(tensors: dict, spec: AdapterSpec, config, weights: dict | None
     with writing(tmp / WEIGHTS):
         for name, content in beside.items():
             write_json(tmp / name, content)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / WEIGHTS)
         if spec.method == "lora" and (out_dir / PEFT_BIN).is_file():
             torch.save(tensors, tmp / PEFT_BIN)
         write_json(tmp / "adapter.json", meta)

@@ -8,6 +8,7 @@ import sys
 
 from model.loss import IGNORE
 from model.tokenizer import load_tokenizer
+from runtime.files import reader_gone
 
 from . import DataError, add_data_args, build_prompt, encode_train, format_report, load_records
 from .encode import check_lengths, record_turns
@@ -71,4 +72,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `python -m data ... | head`
+        reader_gone()

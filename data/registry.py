@@ -58,11 +58,17 @@ def dataset_file(name: str, dataset_dir, info: dict) -> Path:
 
 
 def read_raw(path: Path) -> list:
-    """`.jsonl`: one JSON value per line (blank lines ignored); otherwise one JSON list."""
-    text = path.read_text(encoding="utf-8")
+    """`.jsonl`: one JSON value per line (blank lines ignored; lines end at "\n" only: U+2028 inside a string is
+    text); otherwise one JSON list."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: {e.object[e.start:e.end]!r}); "
+                        "save the file as UTF-8") from None
     if path.suffix == ".jsonl":
         rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))

@@ -5,6 +5,7 @@ then each shard is copied in and dropped before the next is read, so a 13 GB mod
 exists twice. Writing: sharded safetensors + `model.safetensors.index.json` + `config.json`.
 """
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -131,6 +132,15 @@ def load_model(path_or_preset, dtype=torch.float32, device="cpu", seed: int = 0)
     return model.eval()
 
 
+def save_safetensors(tensors: dict, path):
+    """safetensors.torch.save_file with the mode every other file gets (0644 under the usual umask): the library
+    creates its files 0600."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_model(state_dict: dict, config: ChatGLMConfig, out_dir, max_shard_bytes: int = 2 << 30,
                tokenizer_file=None, copy_files=()):
     """Write `state_dict` (released key names) as sharded safetensors + index + config.json, atomically:
@@ -155,7 +165,7 @@ def save_model(state_dict: dict, config: ChatGLMConfig, out_dir, max_shard_bytes
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        save_safetensors(shard, tmp / name)
         for k, t in shard.items():
             weight_map[k] = name
             total += t.numel() * t.element_size()

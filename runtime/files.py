@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,6 +134,12 @@ def explain(e: OSError) -> str:
     else:
         hint = "check the path and the disk"
     return f"{path or 'a file'}: {e.strerror or e}; {hint}"
+
+
+def reader_gone():
+    """After a BrokenPipeError on stdout (`... | head` read what it wanted): point stdout at /dev/null, so that
+    Python's flush at exit raises no second error. The script then ends quietly."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def free_bytes(path: Path) -> int | None:

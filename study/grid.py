@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.config import ChatGLMConfig
+from runtime.machine import has_avx2
 
 from .rundir import EVAL
 
@@ -53,14 +54,12 @@ STUDY_DATA = Path("../shared/data")  # the study's data directory beside the rep
 STUDY_TRAIN = "--save-minutes 30 --val-size 200 --eval-steps 500"
 STUDY_EVAL = ""
 
-# The demo (no MODEL): a tiny ChatGLM (the `tiny` preset) trained here on the bundled general-knowledge and
-# chat data, saved as DEMO_MODEL, then fine-tuned by every row on the bundled role-play data, two runs side by
-# side on a 2-core CPU. The demo's model learns in minutes only with larger steps than the 6B study's 1e-5:
+# The demo (no MODEL): a tiny ChatGLM (the `tiny` preset) trained on the bundled general-knowledge and chat data
+# (DEMO_BASE_TRAIN), committed as DEMO_BASE, then fine-tuned by every row on the bundled role-play data, two runs
+# side by side on a 2-core CPU. The demo's model learns in minutes only with larger steps than the 6B study's 1e-5:
 # train.py takes DEMO_SETTINGS as its defaults on this model. A validation loss on 100 held-out records every
 # 50 of the ~240 steps; a checkpoint every 2 minutes of training.
 DEMO_PRESET = "tiny"
-DEMO_MODEL = "base-model"  # in the runs directory: runs/base-model
-DEMO_BASE_RUN = "base-train"  # the training run that makes it, beside it
 DEMO_DATA = Path("data/demo")
 DEMO_SETTINGS = "--lr 2e-3 --epochs 2 --batch-size 16 --precision fp32"
 DEMO_TRAIN = DEMO_SETTINGS + " --logging-steps 20 --save-steps 0 --save-minutes 2 --val-size 100 --eval-steps 50"
@@ -68,6 +67,19 @@ DEMO_EVAL = "--batch-size 100 --precision fp32"
 DEMO_BASE_TRAIN = (f"--model {DEMO_PRESET} --method full --dataset alpaca_gpt4_zh,chat_aux_zh --lr 3e-3 --epochs 12 "
                    "--batch-size 16 --precision fp32 --warmup-steps 50 --logging-steps 50 --save-steps 0 "
                    "--save-minutes 2")
+# The demo's base model is committed, so that every clone fine-tunes the same weights: DEMO_BASE, with MADE (the
+# commands that made it, where, and the sha256 of each file). `bash launch.sh --retrain-base` makes it again in
+# RUNS/DEMO_MODEL (from a run in RUNS/DEMO_BASE_RUN); a RUNS directory that holds one uses it instead.
+DEMO_BASE = DEMO_DATA / "base-model"
+DEMO_MODEL = "base-model"
+DEMO_BASE_RUN = "base-train"
+MADE = "made.json"
+# The demo's CPU code paths, pinned: one thread per run, PyTorch's AVX2 kernels and MKL's AVX2 branch. So pinned,
+# a run is the same bits whether the x86-64 CPU has AVX2 or AVX-512 and however many cores (BENCHMARKS.md, "The
+# demo on other machines"). ATEN_CPU_CAPABILITY or MKL_CBWR set by the user win; CPUs without AVX2 (or where
+# /proc/cpuinfo does not say: macOS) keep their own paths, and get numbers within the measured spread.
+DEMO_THREADS = {"OMP_NUM_THREADS": "1"}
+DEMO_X86 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
 LANES = {"study": 1, "demo": 2}  # runs side by side by default: the demo's two on the two cores of a CPU
 
 
@@ -107,14 +119,17 @@ class Plan:
     lanes: int  # runs side by side
     train_extra: str  # TRAIN_EXTRA, EVAL_EXTRA: appended to every command
     eval_extra: str
+    retrain_base: bool  # the demo: make its base model again (launch.sh --retrain-base)
 
     @classmethod
-    def from_env(cls, env=os.environ) -> "Plan":
+    def from_env(cls, env=os.environ, retrain_base: bool = False) -> "Plan":
         """Raises ValueError with the line launch.sh prints for a bad MODEL, NPROC or PARALLEL."""
         runs_dir = Path(env.get("RUNS") or "runs")
         demo = not env.get("MODEL")
+        if retrain_base and not demo:
+            raise ValueError(f"--retrain-base: the demo's base model is made only without MODEL (MODEL={env['MODEL']})")
         if demo:
-            model, depth = str(runs_dir / DEMO_MODEL), ChatGLMConfig.from_name(DEMO_PRESET).num_layers
+            model, depth = str(demo_model(runs_dir, retrain_base)), ChatGLMConfig.from_name(DEMO_PRESET).num_layers
             data_dir = env.get("DATA_DIR") or str(DEMO_DATA)
         else:
             model, depth = env["MODEL"], model_depth(env["MODEL"])
@@ -122,7 +137,8 @@ class Plan:
         return cls(demo=demo, model=model, data_dir=data_dir, runs_dir=runs_dir, depth=depth,
                    py=env.get("PY") or "python3", nproc=count(env, "NPROC", 1),
                    lanes=count(env, "PARALLEL", LANES["demo" if demo else "study"]),
-                   train_extra=env.get("TRAIN_EXTRA", ""), eval_extra=env.get("EVAL_EXTRA", ""))
+                   train_extra=env.get("TRAIN_EXTRA", ""), eval_extra=env.get("EVAL_EXTRA", ""),
+                   retrain_base=retrain_base)
 
     def run(self, row: Row, seed: int) -> Run:
         layers = layer_range(row.layers, self.depth)
@@ -155,12 +171,32 @@ class Plan:
             raise ValueError(f"no run id {unknown[0]} (ids are 0-{len(GRID) - 1})")
         return [self.run(row, DEFAULT_SEED + k) for row in GRID if not ids or row.id in ids for k in range(seeds)]
 
+    def cpu_env(self, env=os.environ) -> dict:
+        """The environment the demo's commands run in (DEMO_THREADS, DEMO_X86); none with MODEL."""
+        if not self.demo:
+            return {}
+        pins = DEMO_X86 if has_avx2() else {}
+        return {**DEMO_THREADS, **{k: env.get(k) or v for k, v in pins.items()}}
+
+    def comparable(self) -> bool:
+        """Whether the runs are the README's demo table's (`python -m study compare`): no MODEL, the bundled data, no
+        TRAIN_EXTRA / EVAL_EXTRA."""
+        return self.demo and Path(self.data_dir) == DEMO_DATA and not (self.train_extra or self.eval_extra)
+
     def base_model(self) -> tuple[str, str]:
-        """The demo's base model: its training from the tiny preset, and its export as DEMO_MODEL."""
+        """The demo's base model: its training from the tiny preset, and its export as RUNS/DEMO_MODEL."""
         trained = self.runs_dir / DEMO_BASE_RUN
         train = flags(f"{self.py} train.py", DEMO_BASE_TRAIN, f"--dataset-dir {self.data_dir} --output-dir {trained}",
                       self.train_extra)
-        return train, f"{self.py} -m adapters --model {DEMO_PRESET} --adapter {trained} --output {self.model}"
+        return train, (f"{self.py} -m adapters --model {DEMO_PRESET} --adapter {trained} "
+                       f"--output {self.runs_dir / DEMO_MODEL}")
+
+
+def demo_model(runs_dir: Path, retrain: bool = False) -> Path:
+    """The demo's base model: RUNS/base-model where --retrain-base made one (or is to make it), else the committed
+    one."""
+    made = runs_dir / DEMO_MODEL
+    return made if retrain or (made / "config.json").is_file() else DEMO_BASE
 
 
 def flags(command: str, *more: str) -> str:
@@ -190,20 +226,19 @@ def count(env, name: str, default: int) -> int:
 # ---------------------------------------------------------------- the model a script takes without --model
 
 MODEL_HELP = ("model directory (released ChatGLM-6B layout) or a preset ('tiny': random weights). Unset: $MODEL, "
-              f"else runs/{DEMO_MODEL} (the demo's base model that `bash launch.sh` trains), else 'tiny'")
+              f"else the demo's base model (runs/{DEMO_MODEL} where `bash launch.sh --retrain-base` made one, else "
+              f"{DEMO_BASE})")
 
 
 def resolve_model(model: str | None) -> tuple[str, str | None]:
     """The model a script runs on: --model, else $MODEL (e.g. the downloaded ChatGLM-6B directory), else the demo's
-    base model, else the `tiny` preset. -> (it, None when --model was given, else a line saying which was taken)."""
+    base model. -> (it, None when --model was given, else a line saying which was taken)."""
     if model is not None:
         return model, None
     if os.environ.get("MODEL"):
         return os.environ["MODEL"], f"model: $MODEL = {os.environ['MODEL']}"
-    demo = Path("runs") / DEMO_MODEL
     repo = Path(__file__).resolve().parents[1]
-    if (repo / demo / "config.json").is_file():
-        path = demo if (Path.cwd() / demo).resolve() == repo / demo else repo / demo
-        return str(path), f"model: {path}, the demo's base model (no --model, no $MODEL)"
-    return DEMO_PRESET, (f"model: the '{DEMO_PRESET}' preset with random weights (no --model, no $MODEL, no "
-                         f"{demo}: `bash launch.sh` trains the demo's base model there)")
+    path = repo / demo_model(repo / "runs")
+    if path.is_relative_to(repo) and Path.cwd().resolve() == repo:
+        path = path.relative_to(repo)
+    return str(path), f"model: {path}, the demo's base model (no --model, no $MODEL)"

@@ -43,15 +43,18 @@ def columns() -> list[tuple[str, str, int, int]]:
             [("nll", "NLL", 3, -1), ("nll-change", "ΔNLL", 3, 0), ("ppl", "PPL", 2, -1)])
 
 
-def read_runs(runs_dir: Path, datasets: list[str], code: str | None = None) -> list[dict]:
-    """Every runs_dir/*/run.json with its metrics and per-sample scores per evaluation set (None where missing),
-    sorted by id; run["unreadable"][set] says what is wrong with a set's files that are there but damaged (its cells
-    show "?"); run["other_code"] is True when its training or scores were made by other code than `code` (this
-    checkout's); run["vs_base"][set][key] = (mean difference from run 0, low, high) where both have scores."""
+def read_runs(runs_dir: Path, datasets: list[str], code: str | None = None, seed: int | None = None) -> list[dict]:
+    """Every runs_dir/*/run.json (of one seed where `seed` is given) with its metrics and per-sample scores per
+    evaluation set (None where missing), sorted by id; run["unreadable"][set] says what is wrong with a set's files
+    that are there but damaged (its cells show "?"); run["other_code"] is True when its training or scores were made
+    by other code than `code` (this checkout's); run["vs_base"][set][key] = (mean difference from run 0, low, high)
+    where both have scores."""
     code = code or code_fingerprint()
     runs = []
     for run_json in runs_dir.glob(f"*/{RUN_JSON}"):
         run = json.loads(run_json.read_text(encoding="utf-8"))
+        if seed is not None and run.get("seed", 42) != seed:
+            continue
         run["dir"] = run_json.parent
         run["metrics"], run["scores"], run["unreadable"] = {}, {}, {}
         for name in datasets:

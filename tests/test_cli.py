@@ -1,6 +1,7 @@
 """What a user types: every numeric flag checked when parsed, options a method ignores, the model a script takes
 without --model, adapters refused on other base weights, and Ctrl-C / OS errors as one line that keeps the work."""
 import errno
+import json
 import signal
 import subprocess
 import sys
@@ -12,9 +13,11 @@ import torch
 import evaluate
 import train
 from adapters import AdapterSpec, apply_adapter, load_adapter, save_adapter
+from adapters.files import SKETCH_TOLERANCE, weights_sketch
 from conftest import REPO, TRAIN_SMALL, script_env
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
+from model.loader import load_model, save_model
 from runtime import checkpoint, files
 from study import grid
 from study.rundir import CHECKPOINTS, LOG
@@ -106,18 +109,22 @@ def test_method_flags_left_unset_take_the_study_defaults():
 
 # ---------------------------------------------------------------- the model without --model
 
-def test_without_model_the_demo_then_tiny(monkeypatch, tmp_path, capsys):
+def test_without_model_the_committed_demo_base_or_a_retrained_one(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("MODEL", raising=False)
-    monkeypatch.setattr(grid, "DEMO_MODEL", tmp_path / "base-model")  # absent: the tiny preset
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(grid, "DEMO_MODEL", tmp_path / "base-model")  # no retrained one: the committed one
     s = train.parse_args(["--method", "lora", "--target", "qkv", "--layers", "3", "--lr", "1e-4"])
-    assert s.model == "tiny"
+    assert s.model == str(grid.DEMO_BASE) == "data/demo/base-model"
     assert (s.optim.lr, s.optim.epochs, s.optim.batch_size, s.run.precision) == (1e-4, 2, 16, "fp32")  # flags win
-    assert "the 'tiny' preset" in capsys.readouterr().out
+    assert "model: data/demo/base-model, the demo's base model" in capsys.readouterr().out
     (tmp_path / "base-model").mkdir()
-    (tmp_path / "base-model" / "config.json").write_text("{}")
+    (tmp_path / "base-model" / "config.json").write_text("{}")  # `bash launch.sh --retrain-base` made one
     assert train.parse_args([]).model == str(tmp_path / "base-model")
     assert evaluate.parse_args([]).load.model == str(tmp_path / "base-model")
     assert evaluate.parse_args(["--runs"]).load.model is None  # the table alone needs no model
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(grid, "DEMO_MODEL", "absent")
+    assert train.parse_args([]).model == str(REPO / "data/demo/base-model")  # from elsewhere: the full path
 
 
 def test_model_from_the_environment_keeps_the_study_settings(monkeypatch, capsys):
@@ -147,6 +154,35 @@ def test_an_adapter_is_refused_on_other_base_weights(tmp_path, method):
     with pytest.raises(ValueError, match="other base weights.*--force"):
         load_adapter(tiny_model(1), tmp_path)
     assert load_adapter(tiny_model(1), tmp_path, force=True).method == method
+
+
+def test_an_adapter_loads_onto_its_base_stored_in_any_precision(tmp_path):
+    """The base saved as fp32, fp16 and bf16 and loaded in each precision: the sketch stays within its tolerance
+    (fp32 -> fp16 -> bf16 rounds some values twice, which broke a hash of bf16-rounded values)."""
+    base = tiny_model(3)
+    spec = AdapterSpec("lora", "qkv", [4, 5])
+    save_adapter(apply_adapter(base, spec), spec, tmp_path / "run")
+    stored = json.loads((tmp_path / "run" / "adapter.json").read_text())["base_model"]["weights"]
+    for stored_as in (torch.float32, torch.float16, torch.bfloat16):
+        state = {k: v.to(stored_as) for k, v in ChatGLMModel(base.config).init_weights(3).state_dict().items()}
+        save_model(state, base.config, tmp_path / "base")
+        for load_as in (torch.float32, torch.float16, torch.bfloat16):
+            model = load_model(tmp_path / "base", load_as)
+            off = max(abs(a - b) for got, want in zip(weights_sketch(model, stored["tensors"]), stored["sketch"])
+                      for a, b in zip(got, want))
+            assert (off == 0) == (stored_as == load_as == torch.float32) and off < SKETCH_TOLERANCE / 2
+            assert load_adapter(model, tmp_path / "run").method == "lora"
+
+
+def test_weights_files_get_the_mode_of_every_other_file(tmp_path):
+    """safetensors creates its files 0600; a run's and a model's weights are as readable as their JSON files."""
+    spec = AdapterSpec("lora", "qkv", [5])
+    model = apply_adapter(tiny_model(0), spec)
+    save_adapter(model, spec, tmp_path / "run")
+    save_model(tiny_model(0).state_dict(), model.config, tmp_path / "model")
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.glob("*/*")}
+    assert modes["run/adapter_model.safetensors"] == modes["run/adapter.json"] == modes["model/config.json"] == \
+        modes["model/model-00001-of-00001.safetensors"]
 
 
 def test_evaluate_refuses_other_base_weights_unless_forced(tmp_path, capsys):

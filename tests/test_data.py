@@ -167,6 +167,22 @@ def test_malformed_jsonl_names_line(tmp_path):
         load_records(["d"], d)
 
 
+def test_a_jsonl_line_may_hold_unicode_line_separators(tmp_path):
+    """U+2028 / U+2029 / U+0085 are text inside a JSON string (json.dumps(ensure_ascii=False) writes them as they
+    are); only "\n" ends a record."""
+    answer = "one\u2028two\u2029three\x85four"
+    d = write_dataset(tmp_path, [rec("q", answer), rec("q2", "a2")], file_name="d.jsonl")
+    records, _ = load_records(["d"], d, seed=None)
+    assert [r["response"] for r in records] == [answer, "a2"]
+
+
+def test_a_file_that_is_not_utf8_names_byte_and_line(tmp_path):
+    d = write_dataset(tmp_path, [], file_name="d.jsonl", text="", sha1=False)
+    (d / "d.jsonl").write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff", "output": "b"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl: not UTF-8 text \(byte 53, line 2: b'\\xff'\); save the file as"):
+        load_records(["d"], d)
+
+
 def test_jsonl_loads(tmp_path):
     d = write_dataset(tmp_path, [rec("q", "a"), rec("q2", "a2", [["h", "g"]])], file_name="d.jsonl")
     records, _ = load_records(["d"], d, seed=None)
@@ -234,6 +250,12 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert main(["--dataset", "d", "--dataset-dir", str(d), "--skip-bad-records"]) == 0
     out = capsys.readouterr().out
     assert "skipped bad 1" in out and "truncated: source 0" in out and "     8       8  <sop>" in out
+
+
+def test_cli_read_in_part_ends_quietly():
+    done = subprocess.run(f"{sys.executable} -m data --dataset roleplay_all_train | head -1", shell=True, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.startswith("roleplay_all_train: 2000 in") and done.stderr == ""
 
 
 # ---------------------------------------------------------------- bundled demo and shared data

@@ -19,7 +19,8 @@ from model.config import ChatGLMConfig
 from model.loader import save_model
 from model.tokenizer import DEMO_TOKENIZER
 from runtime import checkpoint
-from study import fingerprint
+from runtime.machine import has_avx2
+from study import demo_base, fingerprint
 from study.grid import EVAL_SETS
 from study.rundir import CHECKPOINTS
 
@@ -156,7 +157,25 @@ def test_every_id_maps_to_the_grid_on_the_released_depth(model_6b):
 def test_a_dry_run_read_in_part_ends_quietly():
     done = subprocess.run("bash launch.sh --dry-run | head -1", shell=True, cwd=REPO, capture_output=True, text=True,
                           env=launcher_env(), timeout=60)
-    assert done.stdout.startswith("# base model for the demo") and done.stderr == ""
+    assert done.stdout.startswith("# environment: OMP_NUM_THREADS=1") and done.stderr == ""
+
+
+def test_the_demo_runs_on_the_committed_base_with_its_code_paths_pinned(tmp_path):
+    def commands(*args, **env):
+        return subprocess.run(["bash", "launch.sh", "--dry-run", *args], cwd=REPO, capture_output=True, text=True,
+                              env=launcher_env(RUNS=tmp_path, **env), check=True).stdout.splitlines()
+    pinned = "OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2" if has_avx2() \
+        else "OMP_NUM_THREADS=1"
+    out = commands("17")
+    assert out[0] == f"# environment: {pinned}"
+    assert out[1].startswith("# the demo's base model: data/demo/base-model;")
+    assert arg(out[-2].split(), "--model") == arg(out[-1].split(), "--model") == "data/demo/base-model"
+    if has_avx2():  # the user's own choice of code path wins
+        assert commands("17", ATEN_CPU_CAPABILITY="default")[0] == \
+            "# environment: OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default MKL_CBWR=AVX2"
+    out = commands("--retrain-base", "17")
+    assert arg(out[2].split(), "--output-dir") == str(tmp_path / "base-train")
+    assert arg(out[3].split(), "--output") == arg(out[-1].split(), "--model") == str(tmp_path / "base-model")
 
 
 def test_multi_gpu_runs_through_torchrun(model_6b):
@@ -331,16 +350,19 @@ def test_lock_then_ctrl_c_then_the_same_command_resumes(tmp_path, tiny_base):
 
 
 @pytest.mark.slow
-def test_demo_trains_its_base_model_then_runs_two_lanes(tmp_path):
-    """The quick start (`bash launch.sh` without MODEL), cut down by TRAIN_EXTRA / EVAL_EXTRA: the base model is
-    trained with its progress on screen, exported, and ids 0 and 1 run side by side."""
+def test_demo_retrains_its_base_model_then_runs_two_lanes(tmp_path):
+    """`bash launch.sh --retrain-base` without MODEL, cut down by TRAIN_EXTRA / EVAL_EXTRA: the base model is
+    trained with its progress on screen, exported to RUNS/base-model with its record, and ids 0 and 1 run on it
+    side by side."""
     runs = tmp_path / "runs"
     env = launcher_env(RUNS=runs, OMP_NUM_THREADS=1, TRAIN_EXTRA="--max-steps 3 --max-samples 16 --val-size 4",
                        EVAL_EXTRA=EVAL_EXTRA)
-    out = launch(env, "0", "1").stdout
+    out = launch(env, "--retrain-base", "0", "1").stdout
     assert "[launch] training the demo's base model" in out and "full: 100%" in out  # train.py's bar on screen
-    assert (runs / "base-model" / "config.json").is_file()
+    assert f"made again in {runs / 'base-model'}: other bits than the committed data/demo/base-model" in out
+    demo_base.check(runs / "base-model")  # its made.json describes it
     assert len(attempts(runs / "base-train.log")) == 1
+    assert json.loads((runs / "0-base" / "run.json").read_text())["commands"][0].split()[3] == str(runs / "base-model")
     counts = sorted(re.findall(r"\[launch\] run (\d)/2 ", out))
     assert counts == ["1", "2"], out  # one count shared by both lanes
     for name in ("0-base", "1-freeze-mlp-3-5"):
