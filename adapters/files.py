@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from model.loader import read_shard, save_safetensors
@@ -173,19 +173,29 @@ def write_peft_bin(adapter_dir) -> Path:
 
 def weight_keys(file: Path) -> list[str]:
     if file.suffix == ".safetensors":
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            return list(f.keys())
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                return list(f.keys())
+        except SafetensorError as e:
+            raise damaged(file, e) from None
     return list(read_shard(file))  # memory-mapped: only the keys are touched
 
 
 def each_tensor(file: Path):
     """(key, tensor) of one weights file, one tensor in memory at a time (.bin files are memory-mapped)."""
     if file.suffix == ".safetensors":
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for k in f.keys():
-                yield k, f.get_tensor(k)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    yield k, f.get_tensor(k)
+        except SafetensorError as e:
+            raise damaged(file, e) from None
     else:
         yield from read_shard(file).items()
+
+
+def damaged(file: Path, e: Exception) -> ValueError:
+    return ValueError(f"{file}: not a readable safetensors file ({e}); it is damaged or cut short: copy it again")
 
 
 def model_key(key: str) -> str:
@@ -200,15 +210,17 @@ def read_adapter(adapter_dir, config) -> tuple[AdapterSpec, Path]:
     """Which method an adapter directory holds and its weights file, checked against the base `config`."""
     d = Path(adapter_dir)
     if (d / "adapter.json").is_file():
-        with open(d / "adapter.json", encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = read_meta(d / "adapter.json")
         base = meta["base_model"]
         if base["id"] != base_model_id(config):
             raise ValueError(f"{d}: adapter made for base {base['id']} ({describe_base(base)}) but the model is "
                              f"{base_model_id(config)} ({describe_base(arch_of(config))}); "
                              "load the base model the adapter was trained on (--model)")
         file = d / WEIGHTS if (d / WEIGHTS).is_file() or not (d / PEFT_BIN).is_file() else d / PEFT_BIN
-        return AdapterSpec.from_dict(meta["settings"]), file
+        try:
+            return AdapterSpec.from_dict(meta["settings"]), file
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{d / 'adapter.json'}: settings: {e}") from None
     if (d / "adapter_config.json").is_file():
         return read_peft(d)
     for file in candidate_files(d):
@@ -219,6 +231,23 @@ def read_adapter(adapter_dir, config) -> tuple[AdapterSpec, Path]:
                             "adapter_config.json + adapter_model.safetensors/.bin (a PEFT LoRA adapter), or a "
                             "P-Tuning v2 prefix saved by the reference code (pytorch_model.bin or *.safetensors with "
                             f"{PREFIX_KEY}embedding.weight)")
+
+
+def read_meta(file: Path) -> dict:
+    """adapter.json, checked for what reading it needs: the method's settings and the base model's identity."""
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e}); train.py writes this file: train again, or restore it") \
+            from None
+    need = {"settings": dict, "base_model": dict}
+    wrong = [k for k, kind in need.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
+    described = ("id", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size")
+    wrong += [f"base_model.{k}" for k in described if not wrong and k not in meta["base_model"]]
+    if wrong:
+        raise ValueError(f"{file}: {', '.join(wrong)} missing or of the wrong type; train.py writes this file: "
+                         "train again, or restore it")
+    return meta
 
 
 def candidate_files(d: Path) -> list[Path]:
@@ -279,6 +308,12 @@ def load_weights(model: nn.Module, file: Path):
                          f"{' ...' if len(missing) > 6 else ''}; the file does not match its settings")
     for k, t in each_tensor(file):
         p = params[model_key(k)]
+        if not t.is_floating_point():
+            raise ValueError(f"{file}: {k} is {t.dtype}; adapter tensors are floats: the file was not written by a "
+                             "training run (train again, or restore it)")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{file}: {k} holds NaN or inf: the training that wrote it diverged (train again with "
+                             "a lower --lr) or the file is damaged")
         if tuple(t.shape) != tuple(p.shape):
             raise ValueError(f"{file}: {k} has shape {tuple(t.shape)} but the model's {model_key(k)} has "
                              f"{tuple(p.shape)}: the adapter was made for another base model (this one: "
@@ -296,8 +331,9 @@ def load_adapter(model: nn.Module, adapter_dir, force: bool = False) -> AdapterS
     spec, file = read_adapter(adapter_dir, model.config)
     try:
         apply_adapter(model, spec)
-    except ValueError as e:
-        raise ValueError(f"{adapter_dir}: cannot apply this adapter to the model: {e}") from e
+    except (ValueError, KeyError, TypeError) as e:  # settings a hand edit made impossible: target null, layers "all"
+        raise ValueError(f"{adapter_dir}: cannot apply this adapter to the model: {e!s} (settings {spec.to_dict()})") \
+            from None
     check_base_weights(model, adapter_dir, force)
     load_weights(model, file)
     return spec

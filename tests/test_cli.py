@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import evaluate
 import train
@@ -183,6 +184,44 @@ def test_weights_files_get_the_mode_of_every_other_file(tmp_path):
     modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.glob("*/*")}
     assert modes["run/adapter_model.safetensors"] == modes["run/adapter.json"] == modes["model/config.json"] == \
         modes["model/model-00001-of-00001.safetensors"]
+
+
+def spoil(run, case: str):
+    """One kind of damage or hand edit to a saved LoRA adapter."""
+    meta_file, weights = run / "adapter.json", run / "adapter_model.safetensors"
+    meta = json.loads(meta_file.read_text())
+    tensors = load_file(weights)
+    if case == "invalid JSON":
+        meta_file.write_text('{"method": }')
+    elif case == "no base_model":
+        meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "base_model"}))
+    elif case in ("target null", "layers all"):
+        meta["settings"].update({"target": None} if case == "target null" else {"layers": "all"})
+        meta_file.write_text(json.dumps(meta))
+    elif case == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif case == "integer tensors":
+        save_file({k: t.to(torch.int32) for k, t in tensors.items()}, str(weights))
+    elif case == "NaN tensors":
+        save_file({k: torch.full_like(t, float("nan")) for k, t in tensors.items()}, str(weights))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("invalid JSON", "adapter.json: not valid JSON"), ("no base_model", "adapter.json: base_model missing"),
+    ("target null", "cannot apply this adapter"), ("layers all", "cannot apply this adapter"),
+    ("truncated", "adapter_model.safetensors: not a readable safetensors file"),
+    ("integer tensors", "is torch.int32; adapter tensors are floats"), ("NaN tensors", "holds NaN or inf")])
+def test_a_damaged_or_hand_edited_adapter_is_one_line(tmp_path, capsys, case, message):
+    spec = AdapterSpec("lora", "qkv", [5])
+    save_adapter(apply_adapter(tiny_model(0), spec), spec, tmp_path / "run")
+    spoil(tmp_path / "run", case)
+    flags = ["--model", "tiny", "--run", str(tmp_path / "run"), "--max-samples", "1", "--dataset", "alpaca_gpt4_zh",
+             "--output-dir", str(tmp_path / "eval")]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and str(tmp_path / "run") in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "eval").exists()
 
 
 def test_evaluate_refuses_other_base_weights_unless_forced(tmp_path, capsys):
