@@ -2,24 +2,20 @@
 each file) and the check that a committed or retrained copy is whole. Torch-free, like the rest of launch.sh's part.
 """
 import platform
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from runtime.files import file_digest, read_json, write_json
 from runtime.machine import cpu_model
 
+from .fingerprint import library_versions
 from .grid import DEMO_BASE, MADE, Plan
 
 
 def record(plan: Plan) -> dict:
     """made.json for the model just exported to plan.model: how it was made and the digest of each of its files."""
     model = Path(plan.model)
-    try:
-        torch = version("torch")
-    except PackageNotFoundError:
-        torch = None
     made = {"commands": list(plan.base_model()), "environment": plan.cpu_env(), "cpu": cpu_model(),
-            "machine": platform.machine(), "torch": torch,
+            "machine": platform.machine(), "torch": library_versions()["torch"],
             "files": {p.name: file_digest(p) for p in sorted(model.iterdir()) if p.is_file() and p.name != MADE}}
     write_json(model / MADE, made)
     return made
