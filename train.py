@@ -270,7 +270,8 @@ def load_samples(data: DataSettings, val: Validation, optim: Optimization, token
     records, held_out = hold_out(records, val.val_size)
     samples, counts = encode(records)
     if not samples:
-        raise ValueError(f"--dataset {data.dataset} in {data.dataset_dir} gave no training samples")
+        raise ValueError(f"--dataset {data.dataset} in {data.dataset_dir} gave no training samples: its records are "
+                         "empty, held out or dropped (see the data report: python -m data --dataset ...)")
     val_samples, _ = encode(held_out + (read(val.eval_dataset.split(","), seed=None)[0] if val.eval_dataset else []))
     if val.eval_dataset and not val_samples:
         raise ValueError(f"--eval-dataset {val.eval_dataset} in {data.dataset_dir} gave no validation samples")

@@ -6,10 +6,15 @@ adapter_model.bin for PEFT <= 0.3 (adapters/export.py).
 """
 import sys
 
+from runtime.files import explain
+
 from .export import main
 
 try:
     main()
 except (ValueError, FileNotFoundError) as e:
     print(f"python -m adapters: error: {e}", file=sys.stderr)
+    sys.exit(1)
+except OSError as e:  # a full disk, a read-only or forbidden path
+    print(f"python -m adapters: error: {explain(e)}", file=sys.stderr)
     sys.exit(1)

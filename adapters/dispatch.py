@@ -17,6 +17,7 @@ float32 weights.
                                 (inference, export); None for a method that cannot be merged
 """
 import argparse
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -84,6 +85,35 @@ class AdapterSpec:
             raise ValueError(f"adapter settings {d}: 'method' must be one of {list(METHODS)}")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def problems(self, config) -> list[str]:
+        """What makes these settings impossible for a model of `config`, for settings read from a file a hand may
+        have edited (the flags are checked when parsed): only the fields the method uses."""
+        top, width = config.num_layers - 1, config.hidden_size
+
+        def whole(v, lo, hi):
+            return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        checks = {"target": (self.target in TARGETS, f"one of {', '.join(TARGETS)}"),
+                  "layers": (isinstance(self.layers, list) and self.layers != [] and all(
+                      whole(i, 0, top) for i in self.layers) or self.layers is None and self.method == "lora" and (
+                      isinstance(self.lora_target, list) and self.lora_target != []),
+                             f"a list of layer numbers 0-{top}"),
+                  "lora_rank": (whole(self.lora_rank, 1, width), f"a whole number 1-{width}"),
+                  "lora_alpha": (number(self.lora_alpha) and 0 < self.lora_alpha <= 2 ** 16,
+                                 "a positive number up to 65536"),
+                  "lora_dropout": (number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "a number in [0, 1)"),
+                  "lora_target": (self.lora_target is None or isinstance(self.lora_target, list) and all(
+                      isinstance(t, str) and t for t in self.lora_target), "a list of module names"),
+                  "pre_seq_len": (whole(self.pre_seq_len, 1, config.max_sequence_length),
+                                  f"a whole number 1-{config.max_sequence_length} (the model's max_sequence_length)"),
+                  "prefix_projection": (isinstance(self.prefix_projection, bool), "true or false")}
+        keep = METHODS[self.method].SETTINGS
+        return [f"{k} is {getattr(self, k)!r:.60}, expected {want}" for k, (ok, want) in checks.items()
+                if k in keep and not ok]
 
 
 # The method flags (unset: None) and their defaults: the study's settings, AdapterSpec's defaults; --layers

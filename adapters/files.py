@@ -11,7 +11,6 @@ beside a LoRA adapter's safetensors file, the same tensors under the same keys, 
 `load_adapter` also reads LoRA adapters written by PEFT (no adapter.json; `.safetensors` or `.bin`)
 and P-Tuning v2 weights saved by the reference code (prefix length and projection read off the shapes).
 """
-import json
 import os
 import re
 import shutil
@@ -20,10 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from model.loader import read_shard, save_safetensors
-from runtime.files import digest, write_json, writing
+from runtime.files import InputError, digest, load_json, write_json, writing
 
 from .dispatch import METHODS, AdapterSpec, apply_adapter, trainable_state_dict
 from .lora import PEFT_PREFIX
@@ -84,15 +82,14 @@ def check_base_weights(model: nn.Module, adapter_dir, force: bool = False):
     """Refuse an adapter whose stored base-weights sketch is not this model's (same shapes, other weights: e.g.
     another fine-tune of the same architecture). Adapters without one (PEFT, older) pass."""
     meta_file = Path(adapter_dir) / "adapter.json"
-    stored = json.loads(meta_file.read_text(encoding="utf-8"))["base_model"].get("weights") \
-        if meta_file.is_file() else None
+    stored = read_meta(meta_file)["base_model"].get("weights") if meta_file.is_file() else None
     params = dict(model.named_parameters())
     if not stored or "sketch" not in stored or not all(n in params for n in stored["tensors"]):
         return
     got = torch.tensor(weights_sketch(model, stored["tensors"]), dtype=torch.float64)
     off = (got - torch.tensor(stored["sketch"], dtype=torch.float64)).abs().max().item()
     if off > SKETCH_TOLERANCE and not force:
-        raise ValueError(f"{meta_file}: this adapter was trained on other base weights (the sketch of "
+        raise InputError(f"{meta_file}: this adapter was trained on other base weights (the sketch of "
                          f"{', '.join(stored['tensors'])} differs by {off:.3f}, more than the {SKETCH_TOLERANCE} that "
                          "storing them in another precision can explain). Load the base it was trained on (--model), "
                          "or pass --force to apply it anyway")
@@ -151,8 +148,7 @@ def write_peft_bin(adapter_dir) -> Path:
     """adapter_model.bin beside a LoRA adapter's adapter_model.safetensors: the same tensors under the same keys
     (PEFT's), for PEFT <= 0.3, which reads only the .bin. Written to a temp file and renamed."""
     d = Path(adapter_dir)
-    method = json.loads((d / "adapter.json").read_text(encoding="utf-8"))["method"] \
-        if (d / "adapter.json").is_file() else None
+    method = read_meta(d / "adapter.json")["method"] if (d / "adapter.json").is_file() else None
     if method not in (None, "lora"):
         raise ValueError(f"{d}: a {METHODS[method].TITLE} adapter; only LoRA adapters have PEFT's layout "
                          "(adapter_config.json), so only they get an adapter_model.bin. Load this one with "
@@ -161,7 +157,7 @@ def write_peft_bin(adapter_dir) -> Path:
     if not (d / "adapter_config.json").is_file() or not (d / WEIGHTS).is_file():
         raise FileNotFoundError(f"{d}: expected a LoRA adapter (adapter_config.json + {WEIGHTS}, as train.py "
                                 "--method lora writes)")
-    tensors = load_file(str(d / WEIGHTS))
+    tensors = dict(each_tensor(d / WEIGHTS))
     tmp = d / (PEFT_BIN + ".tmp")
     with writing(d / PEFT_BIN):
         torch.save(tensors, tmp)
@@ -194,8 +190,8 @@ def each_tensor(file: Path):
         yield from read_shard(file).items()
 
 
-def damaged(file: Path, e: Exception) -> ValueError:
-    return ValueError(f"{file}: not a readable safetensors file ({e}); it is damaged or cut short: copy it again")
+def damaged(file: Path, e: Exception) -> InputError:
+    return InputError(f"{file}: not a readable safetensors file ({e}); it is damaged or cut short: copy it again")
 
 
 def model_key(key: str) -> str:
@@ -213,41 +209,58 @@ def read_adapter(adapter_dir, config) -> tuple[AdapterSpec, Path]:
         meta = read_meta(d / "adapter.json")
         base = meta["base_model"]
         if base["id"] != base_model_id(config):
-            raise ValueError(f"{d}: adapter made for base {base['id']} ({describe_base(base)}) but the model is "
+            raise InputError(f"{d}: adapter made for base {base['id']} ({describe_base(base)}) but the model is "
                              f"{base_model_id(config)} ({describe_base(arch_of(config))}); "
                              "load the base model the adapter was trained on (--model)")
-        file = d / WEIGHTS if (d / WEIGHTS).is_file() or not (d / PEFT_BIN).is_file() else d / PEFT_BIN
-        try:
-            return AdapterSpec.from_dict(meta["settings"]), file
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{d / 'adapter.json'}: settings: {e}") from None
-    if (d / "adapter_config.json").is_file():
-        return read_peft(d)
-    for file in candidate_files(d):
-        keys = weight_keys(file)
-        if any(k.startswith(PREFIX_KEY) for k in keys):
-            return read_reference_ptuning(file, keys), file
-    raise FileNotFoundError(f"{d}: not an adapter directory. Expected adapter.json (written by train.py), "
-                            "adapter_config.json + adapter_model.safetensors/.bin (a PEFT LoRA adapter), or a "
-                            "P-Tuning v2 prefix saved by the reference code (pytorch_model.bin or *.safetensors with "
-                            f"{PREFIX_KEY}embedding.weight)")
+        file = d / WEIGHTS if (d / WEIGHTS).exists() or not (d / PEFT_BIN).is_file() else d / PEFT_BIN
+        spec, where = AdapterSpec.from_dict(meta["settings"]), d / "adapter.json"
+    elif (d / "adapter_config.json").is_file():
+        (spec, file), where = read_peft(d), d / "adapter_config.json"
+    else:
+        file = next((f for f in candidate_files(d) if any(k.startswith(PREFIX_KEY) for k in weight_keys(f))), None)
+        if file is None:
+            raise FileNotFoundError(f"{d}: not an adapter directory. Expected adapter.json (written by train.py), "
+                                    "adapter_config.json + adapter_model.safetensors/.bin (a PEFT LoRA adapter), or "
+                                    "a P-Tuning v2 prefix saved by the reference code (pytorch_model.bin or "
+                                    f"*.safetensors with {PREFIX_KEY}embedding.weight)")
+        spec, where = read_reference_ptuning(file, weight_keys(file)), file
+    problems = spec.problems(config)
+    if problems:
+        raise InputError(f"{where}: settings {'; '.join(problems)}; the file was edited or is not for this model: "
+                         "restore it, or train again")
+    if not file.is_file():
+        raise InputError(f"{file}: {'a directory' if file.is_dir() else 'missing'}, where the adapter's tensors "
+                         "should be; restore the file, or train again")
+    return spec, file
 
 
 def read_meta(file: Path) -> dict:
-    """adapter.json, checked for what reading it needs: the method's settings and the base model's identity."""
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e}); train.py writes this file: train again, or restore it") \
-            from None
-    need = {"settings": dict, "base_model": dict}
+    """adapter.json, checked for what reading it needs: the method, its settings and the base model's identity."""
+    fix = "train.py writes this file: train again, or restore it"
+    meta = load_json(file, fix)
+    need = {"method": str, "settings": dict, "base_model": dict}
     wrong = [k for k, kind in need.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
     described = ("id", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size")
     wrong += [f"base_model.{k}" for k in described if not wrong and k not in meta["base_model"]]
+    if not wrong:
+        wrong += [f"{k} (one of {', '.join(METHODS)})" for k, v in (("method", meta["method"]),
+                  ("settings.method", meta["settings"].get("method"))) if not (isinstance(v, str) and v in METHODS)]
+    weights = None if wrong else meta["base_model"].get("weights")
+    if weights is not None and not sketch_ok(weights):
+        wrong.append("base_model.weights (a sketch of the base weights, as train.py writes it)")
     if wrong:
-        raise ValueError(f"{file}: {', '.join(wrong)} missing or of the wrong type; train.py writes this file: "
-                         "train again, or restore it")
+        raise InputError(f"{file}: {', '.join(wrong)} missing or of the wrong type; {fix}")
     return meta
+
+
+def sketch_ok(weights) -> bool:
+    """base_model.weights as base_weights writes it: {"tensors": [names], "sketch": [[8 numbers] per name]}."""
+    names, sketch = (weights.get("tensors"), weights.get("sketch")) if isinstance(weights, dict) else (None, None)
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        return False
+    return sketch is None or isinstance(sketch, list) and len(sketch) == len(names) and all(
+        isinstance(row, list) and len(row) == len(SKETCH_SIGNS) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in row) for row in sketch)
 
 
 def candidate_files(d: Path) -> list[Path]:
@@ -258,25 +271,26 @@ def candidate_files(d: Path) -> list[Path]:
 
 def read_peft(d: Path) -> tuple[AdapterSpec, Path]:
     """A LoRA adapter written by PEFT: settings from adapter_config.json, target modules from the weights' keys."""
-    with open(d / "adapter_config.json", encoding="utf-8") as f:
-        cfg = json.load(f)
     where = d / "adapter_config.json"
+    cfg = load_json(where, "PEFT writes this file: restore it")
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(cfg).__name__}; PEFT writes it: restore it")
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
+        raise InputError(f"{where}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
     if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
-        raise ValueError(f"{where}: bias={cfg.get('bias')!r}, modules_to_save={cfg.get('modules_to_save')!r}; "
+        raise InputError(f"{where}: bias={cfg.get('bias')!r}, modules_to_save={cfg.get('modules_to_save')!r}; "
                          "only LoRA matrices are supported (bias 'none', no modules_to_save)")
     if cfg.get("fan_in_fan_out"):
-        raise ValueError(f"{where}: fan_in_fan_out=true is for Conv1D models (GPT-2), not ChatGLM")
+        raise InputError(f"{where}: fan_in_fan_out=true is for Conv1D models (GPT-2), not ChatGLM")
     files = [d / n for n in (WEIGHTS, PEFT_BIN) if (d / n).is_file()]
     if not files:
         raise FileNotFoundError(f"{d}: adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
     # The weights say exactly which modules carry LoRA; PEFT's own suffix match may differ from ours.
     modules = sorted({model_key(k).rsplit(".lora_", 1)[0] for k in weight_keys(files[0]) if ".lora_" in k})
     if not modules:
-        raise ValueError(f"{files[0]}: no lora_A/lora_B tensors")
-    spec = AdapterSpec(method="lora", lora_rank=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]),
-                       lora_dropout=float(cfg.get("lora_dropout", 0.0)), lora_target=modules)
+        raise InputError(f"{files[0]}: no lora_A/lora_B tensors")
+    spec = AdapterSpec(method="lora", lora_rank=cfg.get("r"), lora_alpha=cfg.get("lora_alpha"),
+                       lora_dropout=cfg.get("lora_dropout", 0.0), lora_target=modules)
     return spec, files[0]
 
 
@@ -284,7 +298,7 @@ def read_reference_ptuning(file: Path, keys: list[str]) -> AdapterSpec:
     """The reference code's P-Tuning v2 weights: pre_seq_len = the embedding's rows; projection = trans.* exist."""
     emb = PREFIX_KEY + "embedding.weight"
     if emb not in keys:
-        raise ValueError(f"{file}: has {PREFIX_KEY}* keys but no {emb}")
+        raise InputError(f"{file}: has {PREFIX_KEY}* keys but no {emb}")
     shape = next(t.shape for k, t in each_tensor(file) if k == emb)
     return AdapterSpec(method="ptuning", pre_seq_len=int(shape[0]),
                        prefix_projection=any(k.startswith(PREFIX_KEY + "trans.") for k in keys))
@@ -301,21 +315,21 @@ def load_weights(model: nn.Module, file: Path):
     keys = {model_key(k) for k in weight_keys(file)}
     unexpected, missing = sorted(keys - expected), sorted(expected - keys)
     if unexpected:
-        raise ValueError(f"{file}: tensors this adapter's method does not train: {unexpected[:6]}"
+        raise InputError(f"{file}: tensors this adapter's method does not train: {unexpected[:6]}"
                          f"{' ...' if len(unexpected) > 6 else ''}")
     if missing:
-        raise ValueError(f"{file}: tensors missing for this adapter's method: {missing[:6]}"
+        raise InputError(f"{file}: tensors missing for this adapter's method: {missing[:6]}"
                          f"{' ...' if len(missing) > 6 else ''}; the file does not match its settings")
     for k, t in each_tensor(file):
         p = params[model_key(k)]
         if not t.is_floating_point():
-            raise ValueError(f"{file}: {k} is {t.dtype}; adapter tensors are floats: the file was not written by a "
+            raise InputError(f"{file}: {k} is {t.dtype}; adapter tensors are floats: the file was not written by a "
                              "training run (train again, or restore it)")
         if not torch.isfinite(t).all():
-            raise ValueError(f"{file}: {k} holds NaN or inf: the training that wrote it diverged (train again with "
+            raise InputError(f"{file}: {k} holds NaN or inf: the training that wrote it diverged (train again with "
                              "a lower --lr) or the file is damaged")
         if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"{file}: {k} has shape {tuple(t.shape)} but the model's {model_key(k)} has "
+            raise InputError(f"{file}: {k} has shape {tuple(t.shape)} but the model's {model_key(k)} has "
                              f"{tuple(p.shape)}: the adapter was made for another base model (this one: "
                              f"{describe_base(arch_of(model.config))})")
         p.copy_(t)
@@ -331,8 +345,8 @@ def load_adapter(model: nn.Module, adapter_dir, force: bool = False) -> AdapterS
     spec, file = read_adapter(adapter_dir, model.config)
     try:
         apply_adapter(model, spec)
-    except (ValueError, KeyError, TypeError) as e:  # settings a hand edit made impossible: target null, layers "all"
-        raise ValueError(f"{adapter_dir}: cannot apply this adapter to the model: {e!s} (settings {spec.to_dict()})") \
+    except ValueError as e:  # lora_target names (e.g. from PEFT) that match no module of this model
+        raise InputError(f"{adapter_dir}: cannot apply this adapter to the model: {e!s} (settings {spec.to_dict()})") \
             from None
     check_base_weights(model, adapter_dir, force)
     load_weights(model, file)

@@ -10,7 +10,7 @@ from model.loss import IGNORE
 from model.tokenizer import load_tokenizer
 from runtime.files import reader_gone
 
-from . import DataError, add_data_args, build_prompt, encode_train, format_report, load_records
+from . import add_data_args, build_prompt, encode_train, format_report, load_records
 from .encode import check_lengths, record_turns
 
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(args.model)
         names = [n.strip() for n in args.dataset.split(",") if n.strip()]
         records, report = load_records(names, args.dataset_dir, args.max_samples, args.seed, args.skip_bad_records)
-    except (DataError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # InputError, DataError: the file, the record and the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))

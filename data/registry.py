@@ -8,9 +8,10 @@ Every record that will be used is validated before anything else; problems name 
 """
 import json
 import random
+import re
 from pathlib import Path
 
-from runtime.files import file_digest
+from runtime.files import InputError, file_digest, load_json, parse_json, read_utf8
 
 # Pieces of the ChatGLM vocabulary that must never come from data text: the tokenizer would turn them into
 # control tokens and silently change the sample's structure (a stray [gMASK] or <sop> moves the prompt boundary).
@@ -19,7 +20,7 @@ RESERVED_STRINGS = ["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<ENC>", "
 DEFAULT_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """An expected problem with the data or its registration; the message says where and how to fix it."""
 
 
@@ -29,15 +30,36 @@ def read_dataset_info(dataset_dir) -> dict:
         raise DataError(f"{path} not found: --dataset-dir must hold dataset_info.json registering each dataset "
                         '({"name": {"file_name": ..., "file_sha1": ...}})')
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        info = load_json(path, "fix the file (see data/demo/dataset_info.json)")
+    except InputError as e:
+        raise DataError(str(e)) from None
     if not isinstance(info, dict):
         raise DataError(f"{path}: expected an object mapping dataset names to entries, got {type(info).__name__}")
     for name, entry in info.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
-            raise DataError(f"{path}: entry {name!r} needs a \"file_name\" string")
+        problem = check_entry(entry)
+        if problem:
+            raise DataError(f"{path}: entry {name!r} {problem}")
     return info
+
+
+def check_entry(entry) -> str | None:
+    """None when a dataset_info.json entry is well formed, else what is wrong with it and the fix."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) or not entry["file_name"]:
+        return 'needs a "file_name" string (the data file, relative to the dataset directory)'
+    sha1 = entry.get("file_sha1")
+    if sha1 is not None and not (isinstance(sha1, str) and re.fullmatch(r"[0-9a-f]{40}", sha1)):
+        return (f'has "file_sha1": {json.dumps(sha1)[:60]}, not 40 hex digits; give the file\'s sha1 (sha1sum) or '
+                "leave the key out")
+    columns = entry.get("columns", {})
+    if not isinstance(columns, dict):
+        return f'has "columns" as a {type(columns).__name__}; it maps roles to field names: {DEFAULT_COLUMNS}'
+    for role, field in columns.items():
+        if role not in DEFAULT_COLUMNS:
+            return f'has "columns" role {role!r}; the roles are {", ".join(DEFAULT_COLUMNS)}'
+        if not (isinstance(field, str) or (field is None and role in ("query", "history"))):
+            return (f'maps "columns" role {role!r} to {json.dumps(field)[:60]}; give a field name (a string)'
+                    f'{", or null for none" if role in ("query", "history") else ""}')
+    return None
 
 
 def dataset_file(name: str, dataset_dir, info: dict) -> Path:
@@ -60,25 +82,15 @@ def dataset_file(name: str, dataset_dir, info: dict) -> Path:
 def read_raw(path: Path) -> list:
     """`.jsonl`: one JSON value per line (blank lines ignored; lines end at "\n" only: U+2028 inside a string is
     text); otherwise one JSON list."""
+    fix = "fix the JSON there"
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: {e.object[e.start:e.end]!r}); "
-                        "save the file as UTF-8") from None
-    if path.suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: invalid JSON at line {lineno}, column {e.colno}: {e.msg}") from None
-        return rows
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        text = read_utf8(path, "save the file as UTF-8")
+        if path.suffix == ".jsonl":
+            return [parse_json(line, str(path), fix, i) for i, line in enumerate(text.split("\n"), 1)
+                    if line.strip()]
+        rows = parse_json(text, str(path), fix)
+    except InputError as e:
+        raise DataError(str(e)) from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(rows).__name__} "
                         "(use .jsonl for one record per line)")
@@ -107,16 +119,25 @@ def check_record(raw, columns: dict) -> str | None:
             if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
                 return (f"field {field!r} turn {j} is {json.dumps(turn, ensure_ascii=False)[:80]}; "
                         "history must be a list of [query, answer] pairs of strings")
-    for role in ("prompt", "query", "response"):
-        text = raw.get(columns.get(role) or "", None)
+    texts = [(repr(columns[role]), raw.get(columns.get(role) or "", None)) for role in ("prompt", "query", "response")]
+    texts += [(f"{field!r} turn {j}", text) for j, turn in enumerate(history or []) for text in turn]
+    for where, text in texts:
         hit = reserved_in(text)
         if hit:
-            return f"field {columns[role]!r} contains the special token {hit!r}; remove it from the text"
-    for j, turn in enumerate(history or []):
-        for text in turn:
-            hit = reserved_in(text)
-            if hit:
-                return f"field {field!r} turn {j} contains the special token {hit!r}; remove it from the text"
+            return f"field {where} contains the special token {hit!r}; remove it from the text"
+        at = unpaired_surrogate(text)
+        if at is not None:
+            return (f"field {where} holds half of a UTF-16 pair ({text[at]!r} at character {at}), which is no "
+                    "character: the text was cut or escaped wrongly; fix it in the file")
+    return None
+
+
+def unpaired_surrogate(text) -> int | None:
+    """Where a JSON escape like "\\ud83d" left a lone UTF-16 surrogate in `text` (no tokenizer takes one), or None."""
+    if isinstance(text, str):
+        for i, c in enumerate(text):
+            if "\ud800" <= c <= "\udfff":
+                return i
     return None
 
 
@@ -174,8 +195,9 @@ def load_records(names: list[str], dataset_dir, max_samples: int | None = None, 
 def hold_out(records: list[dict], n: int) -> tuple[list[dict], list[dict]]:
     """The first n of the seed-shuffled records (load_records with a seed) are the validation records: chosen
     by the seed, whole records (with expand_history all their turns go together). -> (the rest, those n)."""
-    if n >= len(records):
+    if n and n >= len(records):
+        fewer = f"hold out fewer (at most {len(records) - 1})" if len(records) > 1 else "give more records"
         raise DataError(f"--val-size {n} holds out {'all' if n == len(records) else 'more than all'} of the "
                         f"{len(records)} training records (after --max-samples and dropping empty ones); "
-                        f"hold out fewer (at most {len(records) - 1}), or 0 for no validation split")
+                        f"{fewer}, or 0 for no validation split")
     return records[n:], records[:n]

@@ -3,8 +3,16 @@
 Plain Python, no torch: launch.sh's dry run names the runs of the demo's grid by the tiny preset's depth on a
 machine without PyTorch.
 """
-import json
 from dataclasses import asdict, dataclass, fields
+
+from runtime.files import InputError, load_json
+
+# The range of each size config.json may give: far past ChatGLM-6B's, low enough that a typo cannot ask for
+# terabytes. Token ids lie in [0, vocab_size); pre_seq_len in [1, max_sequence_length].
+RANGES = {"vocab_size": (1, 1 << 20), "hidden_size": (4, 1 << 16), "num_layers": (1, 1024),
+          "num_attention_heads": (1, 1024), "inner_hidden_size": (1, 1 << 18), "max_sequence_length": (1, 1 << 20),
+          "layernorm_epsilon": (1e-12, 1e-2)}
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id")
 
 
 @dataclass
@@ -41,16 +49,48 @@ class ChatGLMConfig:
 
     @classmethod
     def from_json(cls, path) -> "ChatGLMConfig":
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-        known = {f.name for f in fields(cls)}
-        if not raw.get("position_encoding_2d", True):
-            raise ValueError(f"{path}: position_encoding_2d=false is not ChatGLM-6B; only the 2D rotary model is "
-                             "implemented")
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        """A model directory's config.json, every field it sets checked for its type and range (`problems`)."""
+        fix = "fix it, or copy config.json from the released model again"
+        raw = load_json(path, fix)
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: expected a JSON object of the model's settings, got {type(raw).__name__}; {fix}")
+        if raw.get("position_encoding_2d", True) is not True:
+            raise InputError(f"{path}: position_encoding_2d={raw['position_encoding_2d']!r} is not ChatGLM-6B; only "
+                             "the 2D rotary model is implemented")
+        kinds = {f.name: f.type for f in fields(cls)}
+        wrong = [f"{k} is {v!r}, expected {getattr(kinds[k], '__name__', kinds[k])}" for k, v in raw.items()
+                 if k in kinds and not type_ok(v, kinds[k])]
+        problems = wrong or cls(**{k: v for k, v in raw.items() if k in kinds}).problems()
+        if problems:
+            raise InputError(f"{path}: {'; '.join(problems)}; {fix}")
+        return cls(**{k: v for k, v in raw.items() if k in kinds})
+
+    def problems(self) -> list[str]:
+        """What no ChatGLM model can have: sizes out of RANGES, heads that do not split the width into halves of
+        even size (2D rotary), token ids outside the vocabulary."""
+        out = [f"{k} is {getattr(self, k)}, expected {lo:g} to {hi:g}" for k, (lo, hi) in RANGES.items()
+               if not lo <= getattr(self, k) <= hi]
+        if not out and (self.hidden_size % self.num_attention_heads or self.head_dim % 4):
+            out.append(f"hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} is not a "
+                       "whole multiple of 4 (each head's two rotary halves rotate pairs)")
+        out += [f"{k} is {getattr(self, k)}, outside the vocabulary (0 to {self.vocab_size - 1})" for k in TOKEN_IDS
+                if not 0 <= getattr(self, k) < self.vocab_size]
+        if self.pre_seq_len is not None and not 1 <= self.pre_seq_len <= self.max_sequence_length:
+            out.append(f"pre_seq_len is {self.pre_seq_len}, expected 1 to max_sequence_length "
+                       f"{self.max_sequence_length}")
+        return out
 
     def to_dict(self) -> dict:
         return {**asdict(self), "position_encoding_2d": True, "model_type": "chatglm"}
+
+
+def type_ok(value, kind) -> bool:
+    """JSON `value` fits a field annotated `kind` (int, float, bool or int | None); true and false are not numbers."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, int) or (value is None and kind is not int)
 
 
 PRESETS = {

@@ -4,7 +4,6 @@ Reading: the model is built on the meta device, allocated once in the target dty
 then each shard is copied in and dropped before the next is read, so a 13 GB model never
 exists twice. Writing: sharded safetensors + `model.safetensors.index.json` + `config.json`.
 """
-import json
 import os
 import shutil
 from pathlib import Path
@@ -13,13 +12,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from runtime.files import replace_dir, write_json
+from runtime.files import InputError, load_json, replace_dir, write_json
 
 from .chatglm import ChatGLMModel
 from .config import PRESETS, ChatGLMConfig
 from .tokenizer import tokenizer_config_json
 
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # recomputed (chatglm.rotary_inv_freq)
+INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 TIED = {"lm_head.weight": "transformer.word_embeddings.weight"}  # stored key -> the one matrix, when tied
 # What the released config.json says beyond the architecture, so that transformers finds the model's code
 # (the released .py files beside the weights: AutoModel.from_pretrained(DIR, trust_remote_code=True)).
@@ -31,12 +31,22 @@ RELEASED_CONFIG = {"architectures": ["ChatGLMModel"],
 
 def weight_files(path: Path) -> list[Path]:
     """The weight files of a model directory, in the order the index lists them."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index_name in INDEXES:
         index = path / index_name
         if index.is_file():
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            return [path / name for name in dict.fromkeys(weight_map.values())]
+            fix = "fix it, or copy it from the released model again"
+            weight_map = load_json(index, fix)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map or not all(
+                    isinstance(v, str) and v == Path(v).name and v not in ("", ".", "..") for v in weight_map.values()):
+                raise InputError(f"{index}: \"weight_map\" must map each tensor name to a file name in the "
+                                 f"directory; {fix}")
+            files = [path / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise InputError(f"{index} lists {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, "
+                                 "not a file in the directory; download the missing shards")
+            return files
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (path / single).is_file():
             return [path / single]
@@ -52,14 +62,19 @@ def read_shard(file: Path) -> dict[str, torch.Tensor]:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}
         try:
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            return torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            shard = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # a truncated or foreign file: say which one
-        raise ValueError(f"cannot read weight shard {file}: {type(e).__name__}: {e}. "
-                         "Re-download the file (compare its size with the index) or save the model again.") from e
+        raise InputError(f"cannot read weight shard {file}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
+                         "Re-download the file (compare its size with the index) or save the model again.") from None
+    if not isinstance(shard, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                              for k, t in shard.items()):
+        raise InputError(f"{file}: holds a {type(shard).__name__} that is not a state dict (names -> tensors); "
+                         "save the weights with torch.save(model.state_dict(), ...)")
+    return shard
 
 
 def load_state_dict_into(model: ChatGLMModel, files: list[Path], strict: bool = True) -> set[str]:
@@ -76,7 +91,7 @@ def load_state_dict_into(model: ChatGLMModel, files: list[Path], strict: bool = 
         shard = read_shard(file)
         unexpected = [k for k in shard if alias.get(k, k) not in params and not k.endswith(IGNORED_SUFFIXES)]
         if unexpected and strict:
-            raise ValueError(f"{file}: keys the model does not have: {unexpected[:8]}"
+            raise InputError(f"{file}: keys the model does not have: {unexpected[:8]}"
                              f"{' ...' if len(unexpected) > 8 else ''}; is this a ChatGLM-6B model?")
         with torch.no_grad():
             for k, t in shard.items():
@@ -84,8 +99,14 @@ def load_state_dict_into(model: ChatGLMModel, files: list[Path], strict: bool = 
                 if name not in params:
                     continue
                 if tuple(t.shape) != tuple(params[name].shape):
-                    raise ValueError(f"{file}: {k} has shape {tuple(t.shape)}, the model expects "
+                    raise InputError(f"{file}: {k} has shape {tuple(t.shape)}, the model expects "
                                      f"{tuple(params[name].shape)}; config.json does not match these weights")
+                if not t.is_floating_point():
+                    raise InputError(f"{file}: {k} is {t.dtype}; base weights are floats (a quantized checkpoint "
+                                     "such as chatglm-6b-int8 is not read: load the float model, quantize with "
+                                     "--quantize)")
+                if not torch.isfinite(t).all():
+                    raise InputError(f"{file}: {k} holds NaN or inf; the file is damaged: download it again")
                 if name in loaded:  # the second of two tied keys: the matrix is already there
                     check_tied(params[name], t, file)
                     continue
@@ -94,14 +115,39 @@ def load_state_dict_into(model: ChatGLMModel, files: list[Path], strict: bool = 
         del shard
     missing = sorted(set(params) - loaded)
     if missing and strict:
-        raise ValueError(f"{files[0].parent}: keys missing from the weights: {missing[:8]}"
+        raise InputError(f"{files[0].parent}: keys missing from the weights: {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}")
     return loaded
 
 
+def check_size(model: ChatGLMModel, files: list[Path]):
+    """Before allocating: refuse a config.json that describes more weights than its files hold bytes (they hold two
+    a weight at least: int8 files are refused anyway), say a hand-edited hidden_size of 10^5. Smaller mismatches
+    are found key by key as the shards are read."""
+    stored = sum(p.numel() for p in model.parameters())  # a tied matrix once
+    size = declared_bytes(files)
+    if stored > size:
+        raise InputError(f"{files[0].parent / 'config.json'} describes {stored:,} weights, but the weight files "
+                         f"hold {size:,} bytes: config.json does not match the weights; copy it from the released "
+                         "model again")
+
+
+def declared_bytes(files: list[Path]) -> int:
+    """The weights' size: the index's metadata.total_size where it gives one (then a shard cut short is named when
+    it is read, not taken for a wrong config.json), else the files' sizes."""
+    for name in INDEXES:
+        index = files[0].parent / name
+        if index.is_file():
+            meta = load_json(index, "").get("metadata")  # weight_files read it: a JSON object
+            total = meta.get("total_size") if isinstance(meta, dict) else None
+            if isinstance(total, int) and not isinstance(total, bool) and total > 0:
+                return total
+    return sum(f.stat().st_size for f in files)
+
+
 def check_tied(param: torch.Tensor, stored: torch.Tensor, file: Path):
     if not torch.equal(param, stored.to(param.device, param.dtype)):
-        raise ValueError(f"{file}: {' and '.join(*TIED.items())} hold different values, but the model ties them "
+        raise InputError(f"{file}: {' and '.join(*TIED.items())} hold different values, but the model ties them "
                          "(tie_word_embeddings is true, also when config.json does not set it, as in transformers). "
                          "To load two separate matrices, set \"tie_word_embeddings\": false in "
                          f"{file.parent / 'config.json'}")
@@ -124,6 +170,8 @@ def load_model(path_or_preset, dtype=torch.float32, device="cpu", seed: int = 0)
     files = None if str(path_or_preset) in PRESETS else weight_files(Path(path_or_preset))
     with torch.device("meta"):
         model = ChatGLMModel(config)
+    if files is not None:
+        check_size(model, files)
     model = model.to(dtype).to_empty(device=device)  # one allocation, already in the target dtype
     if files is None:
         model.init_weights(seed)

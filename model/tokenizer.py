@@ -8,6 +8,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from runtime.files import InputError
+
 from .config import PRESETS, ChatGLMConfig
 
 MAX_BLANK = 80
@@ -37,13 +39,17 @@ def postprocess(text: str) -> str:
 class ChatGLMTokenizer:
     def __init__(self, model_file):
         self.model_file = str(model_file)
-        self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        except Exception as e:  # sentencepiece says RuntimeError or OSError, without the file
+            raise InputError(f"{self.model_file}: not a sentencepiece model ({str(e).splitlines()[0][:120]}); copy "
+                             "ice_text.model from the released model again") from None
         self.vocab_size = self.sp.get_piece_size()
         ids = {}
         for piece in SPECIAL_PIECES + ["<pad>", "<unk>"]:
             i = self.sp.piece_to_id(piece)
             if self.sp.id_to_piece(i) != piece:
-                raise ValueError(f"{self.model_file}: piece {piece!r} is missing; this is not a ChatGLM tokenizer")
+                raise InputError(f"{self.model_file}: piece {piece!r} is missing; this is not a ChatGLM tokenizer")
             ids[piece] = i
         self.special_ids = ids
         self.mask_id, self.gmask_id = ids["[MASK]"], ids["[gMASK]"]
@@ -71,11 +77,11 @@ class ChatGLMTokenizer:
                  ("gmask_token_id", "[gMASK]"), ("pad_token_id", "<pad>")]
         for field, piece in pairs:
             if getattr(config, field) != self.special_ids[piece]:
-                raise ValueError(f"{where}: config {field}={getattr(config, field)} but tokenizer {self.model_file} "
+                raise InputError(f"{where}: config {field}={getattr(config, field)} but tokenizer {self.model_file} "
                                  f"has {piece} at id {self.special_ids[piece]}; use the tokenizer shipped with the "
                                  "model")
         if self.vocab_size > config.vocab_size:
-            raise ValueError(f"{where}: tokenizer {self.model_file} has {self.vocab_size} pieces but the model "
+            raise InputError(f"{where}: tokenizer {self.model_file} has {self.vocab_size} pieces but the model "
                              f"vocab_size is {config.vocab_size}")
 
 

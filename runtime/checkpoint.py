@@ -8,10 +8,13 @@ uninterrupted one bit for bit.
                                 the loop's counters (train.py's Progress), "scheduler", "scaler",
                                 "rng" (every rank's generators, in rank order), "world_size"
 
-The data position follows from the step. A checkpoint a damaged disk or a hand left unreadable is passed over
-for the previous one (`resumable`).
+The data position follows from the step. A checkpoint a damaged disk or a hand left unreadable, or whose files
+hold something else than the above, is passed over for the previous one (`resumable`). What `load` reads must be
+of the kinds this run's own optimizer, schedule and scaler have (`differs`): otherwise an InputError naming the
+checkpoint, before any step.
 """
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .files import replace_dir, writing
+from .files import InputError, replace_dir, writing
 from .process import all_gather, rng_state, set_rng_state
 
 OPTIMIZER, STATE = "optimizer.pt", "trainer_state.pt"
@@ -58,7 +61,11 @@ def unreadable(checkpoint: Path) -> str | None:
     for file in sorted(checkpoint.iterdir()):
         try:
             if file.suffix == ".pt":
-                torch.load(file, mmap=True, weights_only=True)  # no code runs from a file
+                content = torch.load(file, mmap=True, weights_only=True)  # no code runs from a file
+                if file.name == STATE and not state_ok(content, int(checkpoint.name.split("-")[1])):
+                    return f"{file.name}: not a training state (its step, scheduler, scaler, one RNG state per rank)"
+                if file.name == OPTIMIZER and not optimizer_ok(content):
+                    return f"{file.name}: not an optimizer state (state, param_groups)"
             elif file.suffix == ".safetensors":
                 with safe_open(str(file), framework="pt") as f:
                     f.keys()
@@ -67,6 +74,14 @@ def unreadable(checkpoint: Path) -> str | None:
         except Exception as e:  # whatever the reader says: the file cannot be resumed from
             return f"{file.name}: {str(e).split('. ')[0].splitlines()[0] if str(e) else type(e).__name__}"
     return None
+
+
+def state_ok(state, step: int) -> bool:
+    """trainer_state.pt holds what `load` takes: the step of its directory's name, the schedule's and the scaler's
+    state, one RNG state per rank."""
+    return isinstance(state, dict) and state.get("step") == step and type(step) is type(state["step"]) and all(
+        isinstance(state.get(k), dict) for k in ("scheduler", "scaler")) and isinstance(state.get("rng"), list) and \
+        len(state["rng"]) == state.get("world_size") and all(isinstance(r, dict) for r in state["rng"])
 
 
 def trainable_state(model) -> dict:
@@ -98,6 +113,39 @@ def load_optimizer_state(model, optimizer, file: Path, fsdp: bool, master: bool)
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
+def optimizer_ok(state) -> bool:
+    """optimizer.pt is an optimizer's state_dict: a dict of per-parameter dicts, a list of parameter groups."""
+    return isinstance(state, dict) and isinstance(state.get("state"), dict) and all(
+        isinstance(v, dict) for v in state["state"].values()) and isinstance(state.get("param_groups"), list)
+
+
+def differs(value, like, where: str) -> str | None:
+    """Where `value` (read from a checkpoint) is not of the kind of `like` (this run's own, before loading): another
+    type, a float that is not finite, a list of another length, a dict that lacks one of its keys; None: alike.
+    A tuple and a list are alike (FSDP2's broadcast of the optimizer state turns Adam's betas into a list)."""
+    def kind(x):
+        return list if isinstance(x, tuple) else type(x)
+    if kind(value) is not kind(like) or isinstance(like, float) and not math.isfinite(value):
+        return f"{where} is {value!r:.40}"
+    if isinstance(like, (list, tuple)):
+        if len(value) != len(like):
+            return f"{where} has {len(value)} items, not {len(like)}"
+        return next((d for i, (v, w) in enumerate(zip(value, like)) if (d := differs(v, w, f"{where}[{i}]"))), None)
+    if isinstance(like, dict):
+        return next((f"{where} lacks {k!r}" if k not in value else differs(value[k], w, f"{where}.{k}")
+                     for k, w in like.items() if k not in value or differs(value[k], w, "")), None)
+    return None
+
+
+def moments_problem(optimizer) -> str | None:
+    """The optimizer's per-parameter state: finite tensors of the parameter's shape (or scalars, the step)."""
+    for p, state in optimizer.state.items():
+        for k, t in state.items():
+            if not isinstance(t, torch.Tensor) or not torch.isfinite(t).all() or t.dim() and t.shape != p.shape:
+                return f"{OPTIMIZER}: {k} is not a finite tensor of its parameter's shape {tuple(p.shape)}"
+    return None
+
+
 def save(directory: Path, step: int, write_weights, model, optimizer, scheduler, scaler, counters: dict,
          fsdp: bool, rank: int, world: int, device):
     """directory/step-N/. A collective: every rank calls it; rank 0 writes, `write_weights(dir)` included."""
@@ -126,9 +174,21 @@ def load(checkpoint: Path, model, optimizer, scheduler, scaler, fsdp: bool, rank
     """The optimizer, schedule, loss scaler and this rank's generators as they were after the checkpoint's step
     (the trained weights are the caller's); -> the loop's counters that `save` was given."""
     state = torch.load(checkpoint / STATE, weights_only=True)  # tensors and plain values only: no code runs
-    load_optimizer_state(model, optimizer, checkpoint / OPTIMIZER, fsdp, rank == 0)
-    scheduler.load_state_dict(state.pop("scheduler"))
-    scaler.load_state_dict(state.pop("scaler"))
-    set_rng_state(state.pop("rng")[rank], device)
+    # this run's own settings, before the checkpoint's: what is loaded must be of the same kinds
+    fresh = {"param_groups": [dict(g) for g in optimizer.param_groups], "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict()}
+    try:  # the files read (`unreadable`), but a hand or another version of this code may have changed what is in them
+        load_optimizer_state(model, optimizer, checkpoint / OPTIMIZER, fsdp, rank == 0)
+        scheduler.load_state_dict(state.pop("scheduler"))
+        scaler.load_state_dict(state.pop("scaler"))
+        set_rng_state(state.pop("rng")[rank], device)
+        loaded = {"param_groups": [dict(g) for g in optimizer.param_groups], "scheduler": scheduler.state_dict(),
+                  "scaler": scaler.state_dict()}
+        problem = differs(loaded, fresh, "the loaded") or (None if fsdp else moments_problem(optimizer))
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError) as e:
+        problem = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    if problem:
+        raise InputError(f"{checkpoint}: cannot resume from it ({problem}); delete this step directory to resume "
+                         "from the one before, or pass --overwrite")
     state.pop("world_size")
     return state

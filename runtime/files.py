@@ -29,6 +29,47 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+class InputError(ValueError):
+    """A file the user gave is not what it should be: the message names the file, the key or record, and the fix.
+    Every reader raises it (data.registry's DataError is one); the scripts print it as one line."""
+
+
+def parse_json(text: str, where: str, fix: str, first_line: int = 1):
+    """JSON text (starting at line `first_line` of its file) -> its value; what Python's parser cannot take (a
+    syntax error, nesting deeper than the recursion limit, an integer past the digit limit) is an InputError
+    saying `where` and `fix`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: invalid JSON at line {e.lineno + first_line - 1}, column {e.colno}: {e.msg}; "
+                         f"{fix}") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to read (line {first_line}); {fix}") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise InputError(f"{where}: {str(e).split(';')[0]} (line {first_line}); {fix}") from None
+
+
+def read_utf8(path, fix: str) -> str:
+    """A text file's content; a file that is missing, a directory or not UTF-8 is an InputError naming the file,
+    the byte and its line, and `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {'a directory, not a file' if path.is_dir() else 'missing'}; {fix}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: {data[e.start:e.end]!r}); "
+                         f"{fix}") from None
+
+
+def load_json(path, fix: str):
+    """A JSON file a user may have edited or another tool written -> its value, or an InputError naming the file,
+    what is wrong with it and `fix`."""
+    return parse_json(read_utf8(path, fix), str(path), fix)
+
+
 def read_json(path) -> dict | None:
     """A JSON file's content, or None where it is missing or unreadable (a result not written yet)."""
     try:

@@ -6,7 +6,6 @@ and world size are the same run, which --resume continues; anything else is anot
 replaces. The file names are study/rundir.py's.
 """
 import functools
-import json
 import math
 import shutil
 import sys
@@ -18,7 +17,7 @@ import torch.distributed as dist
 
 from adapters.files import ADAPTER_FILES, write_adapter
 from runtime import checkpoint
-from runtime.files import read_jsonl, write_json, write_jsonl
+from runtime.files import InputError, load_json, read_jsonl, write_json, write_jsonl
 from runtime.process import say_once
 
 from .fingerprint import git_commit, library_versions
@@ -60,7 +59,9 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool) -> 
             raise ValueError(f"{out} holds {', '.join(stray)} but no run_config.json (not a train.py run); "
                              "choose another --output-dir or pass --overwrite")
         return None
-    old = json.loads(previous.read_text(encoding="utf-8"))
+    old = load_json(previous, "train.py writes this file: pass --overwrite to start over")
+    if not (isinstance(old, dict) and isinstance(old.get("args"), dict) and isinstance(old.get("world_size"), int)):
+        raise InputError(f"{previous}: not what train.py writes (args, world_size); pass --overwrite to start over")
     if not same_run(old, config):
         diff = sorted(k for k in set(old["args"]) | set(config["args"]) if k not in VOLATILE_ARGS
                       and old["args"].get(k) != config["args"].get(k))
@@ -200,4 +201,9 @@ def resume(checkpoint_dir: Path, trainer) -> Progress:
     adapter is in the model already: build_model); -> the loop's Progress at that step."""
     t = trainer
     c = checkpoint.load(checkpoint_dir, t.model, t.optimizer, t.scheduler, t.scaler, t.fsdp, t.rank, t.device)
+    kinds = {"loss_total": float, "window": list, "val": dict}  # the step: checkpoint.state_ok
+    wrong = [k for k, kind in kinds.items() if not isinstance(c.get(k), kind)]
+    if wrong:
+        raise InputError(f"{checkpoint_dir / checkpoint.STATE}: the loop's {', '.join(wrong)} missing or of the wrong "
+                         "type; delete this step directory to resume from the one before, or pass --overwrite")
     return Progress(step=c["step"], loss_total=c["loss_total"], window=c["window"], val=c["val"])

@@ -69,7 +69,8 @@ def write_bin_shards(sd: dict, config: ChatGLMConfig, path: Path, n_shards: int 
         part = {k: sd[k] for k in keys[s::n_shards]}
         torch.save(part, path / name)
         weight_map.update({k: name for k in part})
-    write_json(path / "pytorch_model.bin.index.json", {"metadata": {}, "weight_map": weight_map})
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    write_json(path / "pytorch_model.bin.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     write_json(path / "config.json", config.to_dict())
     return path
 

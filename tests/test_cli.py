@@ -207,8 +207,9 @@ def spoil(run, case: str):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("invalid JSON", "adapter.json: not valid JSON"), ("no base_model", "adapter.json: base_model missing"),
-    ("target null", "cannot apply this adapter"), ("layers all", "cannot apply this adapter"),
+    ("invalid JSON", "adapter.json: invalid JSON at line 1"), ("no base_model", "adapter.json: base_model missing"),
+    ("target null", "adapter.json: settings target is None, expected one of"),
+    ("layers all", "adapter.json: settings layers is 'all', expected a list of layer numbers"),
     ("truncated", "adapter_model.safetensors: not a readable safetensors file"),
     ("integer tensors", "is torch.int32; adapter tensors are floats"), ("NaN tensors", "holds NaN or inf")])
 def test_a_damaged_or_hand_edited_adapter_is_one_line(tmp_path, capsys, case, message):

@@ -254,12 +254,12 @@ def test_tokenizer_preprocessing_pieces():
 def test_tokenizer_ids_checked_against_config(tmp_path):
     tok = load_tokenizer("tiny")
     cfg = ChatGLMConfig.from_name("tiny")
-    cfg.eos_token_id = 130005
+    cfg.eos_token_id = 10
     d = tmp_path / "ckpt"
     d.mkdir()
     write_json(d / "config.json", cfg.to_dict())
     (d / "ice_text.model").write_bytes(open(tok.model_file, "rb").read())
-    with pytest.raises(ValueError, match="eos_token_id=130005.*<eop> at id 9"):
+    with pytest.raises(ValueError, match="eos_token_id=10.*<eop> at id 9"):
         load_tokenizer(d)
 
 
