@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from adapters import AdapterSpec, apply_adapter, read_adapter, save_adapter, write_peft_bin
 from conftest import REPO
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
 from model.loader import save_model
 from model.tokenizer import DEMO_TOKENIZER
 from runtime import checkpoint
+from runtime.files import file_digest
 from runtime.machine import has_avx2
 from study import demo_base, fingerprint
 from study.grid import EVAL_SETS
@@ -347,6 +349,50 @@ def test_reruns_do_what_the_fingerprint_says(tmp_path, tiny_base):
     (first, second) = attempts(run / "train.log")
     assert first.endswith(" --resume") and second.endswith(" --overwrite")
     assert len(attempts(run / "eval.log")) == 3
+
+
+def test_only_the_files_the_loader_reads_decide_whether_scores_are_current(tmp_path):
+    """A launcher run scored with its LoRA adapter (run_needs reads these files, made as train.py and evaluate.py
+    make them): files added beside the adapter leave it done; other tensors or settings make it evaluated again."""
+    config = ChatGLMConfig.from_name("tiny")
+    model = ChatGLMModel(config).init_weights(0)
+    spec = AdapterSpec(method="lora", target="mlp", layers=[3, 4, 5], lora_rank=4)
+    apply_adapter(model, spec)
+    run = save_adapter(model, spec, tmp_path / "run")
+    (run / "run.json").write_text(json.dumps({"method": "lora"}))
+    (run / "train_results.json").write_text(json.dumps({"fingerprint": {"code": "c"}}))
+
+    def score(sha256):
+        for name in EVAL_SETS:
+            (run / "eval" / name).mkdir(parents=True, exist_ok=True)
+            metrics = {"adapter": {"sha256": sha256}, "fingerprint": {"code": "c"}}
+            (run / "eval" / name / "metrics.json").write_text(json.dumps(metrics))
+
+    score(fingerprint.adapter_sha256(run))
+    assert fingerprint.run_needs(run, code="c") == "done"
+    write_peft_bin(run)
+    (run / "adapter_notes.txt").write_text("tried at lr 2e-4")
+    assert fingerprint.run_needs(run, code="c") == "done"
+    assert read_adapter(run, config)[1] == run / "adapter_model.safetensors"
+    assert sorted(fingerprint.adapter_sha256(run)) == ["adapter.json", "adapter_model.safetensors"]
+    # a record from before: every adapter* file of the directory, the .bin and the notes among them
+    score({p.name: file_digest(p) for p in run.iterdir() if p.name.startswith("adapter")})
+    assert fingerprint.run_needs(run, code="c") == "done"
+
+    scored = (run / "adapter_model.safetensors").read_bytes()
+    tensors = load_file(run / "adapter_model.safetensors")
+    save_file({k: v + 0.01 for k, v in tensors.items()}, run / "adapter_model.safetensors")
+    assert fingerprint.run_needs(run, code="c") == "eval"
+    (run / "adapter_model.safetensors").write_bytes(scored)
+    assert fingerprint.run_needs(run, code="c") == "done"
+    meta = json.loads((run / "adapter.json").read_text())
+    (run / "adapter.json").write_text(json.dumps({**meta, "settings": {**meta["settings"], "lora_alpha": 64.0}}))
+    assert fingerprint.run_needs(run, code="c") == "eval"
+    # without the safetensors file the loader reads the .bin: that is hashed now
+    (run / "adapter.json").write_text(json.dumps(meta))
+    (run / "adapter_model.safetensors").unlink()
+    assert read_adapter(run, config)[1] == run / "adapter_model.bin"
+    assert sorted(fingerprint.adapter_sha256(run)) == ["adapter.json", "adapter_model.bin"]
 
 
 def live_processes_mentioning(text: str) -> list[str]:
