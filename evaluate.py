@@ -517,8 +517,7 @@ def unprinted(printed: str, text: str) -> str:
 
 
 def stream_answer(model, tokenizer, ids: list[int], gen: GenerationSettings, seed: int, suppress_ids: list[int]):
-    """Generate one answer, printing it as it grows -> its text (the study's decode rule), or None when Ctrl-C
-    stopped it."""
+    """Generate one answer, printing it as it grows -> its text (the study's decode rule)."""
     tokens, shown = [], ""
 
     def show(step, next_ids):  # next_ids (1,)
@@ -529,13 +528,9 @@ def stream_answer(model, tokenizer, ids: list[int], gen: GenerationSettings, see
         shown += new
 
     print("ChatGLM: ", end="", flush=True)
-    try:
-        row = generate_ids(model, [ids], max_new_tokens=gen.max_length, max_length=gen.max_length,
-                           do_sample=gen.do_sample, top_p=gen.top_p, temperature=gen.temperature, seeds=[seed],
-                           compiled=gen.compiled, suppress_ids=suppress_ids, on_token=show)[0]
-    except KeyboardInterrupt:
-        print(" (stopped)", flush=True)
-        return None
+    row = generate_ids(model, [ids], max_new_tokens=gen.max_length, max_length=gen.max_length,
+                       do_sample=gen.do_sample, top_p=gen.top_p, temperature=gen.temperature, seeds=[seed],
+                       compiled=gen.compiled, suppress_ids=suppress_ids, on_token=show)[0]
     text = tokenizer.decode(row, skip_special_tokens=True)
     print(unprinted(shown, text), flush=True)
     return text
@@ -550,6 +545,50 @@ def read_query() -> str | None:
         return None
 
 
+@dataclass
+class ChatSession:
+    history: list  # [[query, answer], ...]: the finished rounds, the next prompt's context
+    answers: int = 0  # answers started so far: the next one samples with sample_seed(seed, answers)
+    told: bool = False  # the one notice that old rounds no longer fit was printed
+
+
+def chat_turn(model, tokenizer, gen: GenerationSettings, suppress: list[int], session: ChatSession, query: str):
+    """Answer one line typed at the prompt, storing the round in session.history only once it is whole. Ctrl-C
+    anywhere in here (a person presses it when `ChatGLM: ` shows, which may be before or after generate_ids runs)
+    stops this turn alone: the history stays as it was and the prompt comes back."""
+    try:
+        if query.strip() == "clear":
+            session.history = []
+            print("(history cleared)", flush=True)
+            return
+        if not query.strip():
+            return
+        if reserved_in(query):
+            print(f"(the message contains {reserved_in(query)!r}, which the tokenizer reads as a special token: "
+                  "remove it and send again)", flush=True)
+            return
+        ids, kept, dropped = fit_history(tokenizer, query, session.history, gen.max_source_length,
+                                         gen.source_prefix)
+        if ids is None:
+            n = len(tokenizer.encode(build_prompt(query, [], gen.source_prefix)))
+            print(f"(this message alone is {n} prompt tokens and --max-source-length is {gen.max_source_length}: "
+                  "not sent; shorten it or raise --max-source-length)", flush=True)
+            return
+        if dropped and not session.told:
+            print(f"(older rounds no longer fit --max-source-length {gen.max_source_length}: dropped from the "
+                  "prompt)", flush=True)
+            session.told = True
+        seed = sample_seed(gen.seed, session.answers)
+        session.answers += 1
+        answer = stream_answer(model, tokenizer, ids, gen, seed, suppress)
+        # text the model spelled out of ordinary pieces (e.g. "<" "sop" ">") would encode as a special token
+        while reserved_in(answer):
+            answer = answer.replace(reserved_in(answer), "")
+        session.history = kept + [[query, answer]]
+    except KeyboardInterrupt:
+        print(" (stopped)", flush=True)
+
+
 def chat(load: Loading, gen: GenerationSettings, device):
     tokenizer = load_tokenizer(load.model)
     model, _ = load_for_inference(load, device)
@@ -557,37 +596,11 @@ def chat(load: Loading, gen: GenerationSettings, device):
     # The special pieces the decode rule keeps as text ([gMASK], [sMASK], <unused_0>, <ENC>, <dBLOCK>) would
     # show on the screen and, re-encoded from the history, break the next prompt: chat never generates them.
     suppress = sorted(set(tokenizer.special_ids.values()) - tokenizer.skipped_ids)
-    history, turn, told = [], 0, False
+    session = ChatSession(history=[])
     print("chat: 'clear' resets the history, 'exit' / Ctrl-D / Ctrl-C at the prompt quits, "
           "Ctrl-C during an answer stops it", flush=True)
     while (query := read_query()) is not None and query.strip() != "exit":
-        if query.strip() == "clear":
-            history = []
-            print("(history cleared)", flush=True)
-            continue
-        if not query.strip():
-            continue
-        if reserved_in(query):
-            print(f"(the message contains {reserved_in(query)!r}, which the tokenizer reads as a special token: "
-                  "remove it and send again)", flush=True)
-            continue
-        ids, kept, dropped = fit_history(tokenizer, query, history, gen.max_source_length, gen.source_prefix)
-        if ids is None:
-            n = len(tokenizer.encode(build_prompt(query, [], gen.source_prefix)))
-            print(f"(this message alone is {n} prompt tokens and --max-source-length is {gen.max_source_length}: "
-                  "not sent; shorten it or raise --max-source-length)", flush=True)
-            continue
-        if dropped and not told:
-            print(f"(older rounds no longer fit --max-source-length {gen.max_source_length}: dropped from the "
-                  "prompt)", flush=True)
-            told = True
-        answer = stream_answer(model, tokenizer, ids, gen, sample_seed(gen.seed, turn), suppress)
-        turn += 1
-        if answer is not None:  # a stopped answer leaves no round behind
-            # text the model spelled out of ordinary pieces (e.g. "<" "sop" ">") would encode as a special token
-            while reserved_in(answer):
-                answer = answer.replace(reserved_in(answer), "")
-            history = kept + [[query, answer]]
+        chat_turn(model, tokenizer, gen, suppress, session, query)
 
 
 def main(argv=None):
@@ -599,7 +612,7 @@ def main(argv=None):
         elif s.chat:
             try:
                 chat(s.load, s.gen, device)
-            except KeyboardInterrupt:  # Ctrl-C outside the prompt and the answers (e.g. while loading): quit quietly
+            except KeyboardInterrupt:  # Ctrl-C while the model loads (a turn catches its own): quit quietly
                 print(file=sys.stderr)
                 sys.exit(130)
         elif s.runs is not None:

@@ -63,6 +63,7 @@ for kv in $(field env); do export "$kv"; done  # the demo's pinned CPU code path
 RUNS=$(field runs)
 PARALLEL=$(field lanes)
 N=$(grep -c $'^run\t' <<<"$PLAN")
+TRAINS=$(awk -F'\t' '$1 == "run" && $4 != "-" {n++} END {print n + 0}' <<<"$PLAN")  # rows with a training
 
 # One launcher per RUNS. The lock is held as long as this shell or any run it started lives.
 mkdir -p "$RUNS"
@@ -91,37 +92,46 @@ hms() {  # seconds -> 3m05s, 2h07m
     else printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); fi
 }
 
-report() {  # NAME SECONDS|- MESSAGE...: the progress line of a finished row ("-": skipped, not in the ETA)
-    local k ran secs eta=""
+# NAME PLANNED SECONDS|- MESSAGE...: the progress line of a finished row. PLANNED: 1 when the plan trains the row
+# (even if this launch only evaluates or skips it), else 0. SECONDS: the row's training and evaluation, given
+# only for a training that finished. The ETA is their mean times the planned trainings not yet reported: a base
+# row, an evaluation again or a skip takes a fraction of a training and would make it say minutes for hours. A
+# planned row that turns out finished counts until it is reached (python -m study next says so only then).
+report() {
+    local k passed trained secs eta=""
     {  # the lanes share the count: append and count under a lock
         flock 8
-        echo "$2" >&8
-        read -r k ran secs < <(awk '{k++} $1 != "-" {r++; s += $1} END {print k, r + 0, s + 0}' "$PROGRESS")
+        echo "$2 $3" >&8
+        read -r k passed trained secs < <(awk '{k++; p += $1} $2 != "-" {t++; s += $2}
+            END {print k, p + 0, t + 0, s + 0}' "$PROGRESS")
     } 8>>"$PROGRESS"
-    [ "$ran" -gt 0 ] && [ "$k" -lt "$N" ] && eta=", ETA $(hms $((secs / ran * (N - k) / PARALLEL)))"
-    echo "[launch] run $k/$N $1: ${*:3} (elapsed $(hms $(($(date +%s) - START)))$eta)"
+    [ "$trained" -gt 0 ] && [ "$passed" -lt "$TRAINS" ] \
+        && eta=", ETA $(hms $((secs / trained * (TRAINS - passed) / PARALLEL)))"
+    echo "[launch] run $k/$N $1: ${*:4} (elapsed $(hms $(($(date +%s) - START)))$eta)"
 }
 
 # one run, as python -m study next says: train (resuming or over again) and evaluate, evaluate again, or skip
 do_run() {  # NAME TRAIN_COMMAND EVAL_COMMAND TRAIN_LOG EVAL_LOG
-    local name=$1 train=$2 eval=$3 train_log=$4 eval_log=$5 what mode t0
+    local name=$1 train=$2 eval=$3 train_log=$4 eval_log=$5 what mode t0 secs planned=0
+    [ -n "$train" ] && planned=1
     read -r what mode < <("$PY" -m study next "$name" $RERUN) \
         || { echo "[launch] $name: python -m study next $name failed" >&2; return 1; }
     case "$what" in
-        done) report "$name" - "finished, skipped"; return 0 ;;
-        stale) report "$name" - "finished, but by other code (the table marks it; bash launch.sh --rerun-stale" \
-            "redoes it), skipped"; return 0 ;;
+        done) report "$name" $planned - "finished, skipped"; return 0 ;;
+        stale) report "$name" $planned - "finished, but by other code (the table marks it; bash launch.sh" \
+            "--rerun-stale redoes it), skipped"; return 0 ;;
     esac
     t0=$(date +%s)
     if [ "$what" = train ]; then
         echo "[launch] $name: training$([ "$mode" = --overwrite ] && echo " again (finished by other code)"), log $train_log"
         attempt "$train_log" $train $mode || {
-            report "$name" $(($(date +%s) - t0)) "training failed, see $train_log" >&2; return 1; }
+            report "$name" $planned - "training failed, see $train_log" >&2; return 1; }
     fi
     echo "[launch] $name: evaluating, log $eval_log"
     attempt "$eval_log" $eval || {
-        report "$name" $(($(date +%s) - t0)) "evaluation failed, see $eval_log" >&2; return 1; }
-    report "$name" $(($(date +%s) - t0)) "done in $(hms $(($(date +%s) - t0)))"
+        report "$name" $planned - "evaluation failed, see $eval_log" >&2; return 1; }
+    secs=$(($(date +%s) - t0))
+    report "$name" $planned "$([ "$what" = train ] && echo "$secs" || echo -)" "done in $(hms "$secs")"
 }
 
 lane() {  # $1 = lane index: runs every PARALLEL-th run on its own GPUs / CPU thread

@@ -212,6 +212,7 @@ def read_adapter(adapter_dir, config) -> tuple[AdapterSpec, Path]:
             raise InputError(f"{d}: adapter made for base {base['id']} ({describe_base(base)}) but the model is "
                              f"{base_model_id(config)} ({describe_base(arch_of(config))}); "
                              "load the base model the adapter was trained on (--model)")
+        # study/fingerprint.py: adapter_sha256 repeats this choice (it may not import torch): change both
         file = d / WEIGHTS if (d / WEIGHTS).exists() or not (d / PEFT_BIN).is_file() else d / PEFT_BIN
         spec, where = AdapterSpec.from_dict(meta["settings"]), d / "adapter.json"
     elif (d / "adapter_config.json").is_file():

@@ -4,7 +4,7 @@ recognised instead of being shown as current.
     code      our code (the scripts at the root and every package beside them: code_files) and the versions
               of the libraries it runs on
     data      the dataset files read and their dataset_info.json entries
-    adapter   sha256 of each adapter file of the run directory
+    adapter   sha256 of each file that loading the run's adapter reads
     settings  the arguments that decide the numbers
 
 train.py writes {"code", "data", "settings"} into train_results.json, evaluate.py {"code", "data", "adapter",
@@ -58,10 +58,30 @@ def data_fingerprint(dataset_dir, names) -> str:
     return digest({n: [info.get(n), file_digest(dataset_file(n, dataset_dir, info))] for n in names})
 
 
-def adapter_sha256(checkpoint_dir) -> dict:
-    """name -> sha256 of every adapter file (adapter.json, adapter_model.*, adapter_config.json) of a run."""
-    files = sorted(p for p in Path(checkpoint_dir).iterdir() if p.name.startswith("adapter") and p.is_file())
+def adapter_sha256(adapter_dir) -> dict:
+    """name -> sha256 of the files that loading the adapter reads (adapters/files.py: read_adapter, whose choice this
+    repeats without importing torch): its settings, adapter.json (else PEFT's adapter_config.json), and its weights,
+    adapter_model.safetensors (else adapter_model.bin); without either settings file, every .bin and .safetensors
+    file (reference P-Tuning weights: the first holding the prefix encoder is read). Files a user adds beside them
+    (python -m adapters --peft-bin's copy, notes) do not change the numbers, so they do not make the scores stale."""
+    d = Path(adapter_dir)
+    settings = next((d / n for n in ("adapter.json", "adapter_config.json") if (d / n).is_file()), None)
+    if settings is None:
+        files = sorted(p for p in d.iterdir() if p.suffix in (".bin", ".safetensors") and p.is_file())
+    else:
+        weights = [d / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (d / n).is_file()]
+        files = [settings, *weights[:1]]
     return {p.name: file_digest(p) for p in files}
+
+
+def scored_with(recorded: dict | None, adapter: dict | None) -> bool:
+    """Whether scores recorded for the adapter files `recorded` (metrics.json's adapter.sha256; None: the base
+    model) are for `adapter` (adapter_sha256 now). Records written before adapter_sha256 hashed only the files read
+    list every adapter* file of the directory, a superset: only the names read now are compared, so such a record
+    stays current while those files are unchanged, whatever else it lists."""
+    if recorded is None or adapter is None:
+        return recorded == adapter
+    return {name: recorded.get(name) for name in adapter} == adapter
 
 
 def git_commit() -> tuple[str | None, bool | None]:
@@ -99,7 +119,7 @@ def run_needs(run_dir: Path, rerun_stale: bool = False, code: str | None = None)
     if any(m is None for m in scores):
         return "eval"
     adapter = None if base_row else adapter_sha256(run_dir)
-    if any((m.get("adapter") or {}).get("sha256") != adapter for m in scores):
+    if not all(scored_with((m.get("adapter") or {}).get("sha256"), adapter) for m in scores):
         return "eval"
     if made_by_other_code(train, scores, code):
         return "eval" if rerun_stale else "stale"

@@ -155,6 +155,36 @@ def test_stopped_answer_leaves_no_round(monkeypatch, capsys):
     assert "ChatGLM:  (stopped)\n" in out and out.count(f"ChatGLM: {answer}\n") == 1
 
 
+def interrupt_at(real, nth, match=lambda *args: True):
+    """`real`, except that its nth call with arguments that match raises KeyboardInterrupt instead."""
+    seen = []
+
+    def call(*args, **kw):
+        if match(*args):
+            seen.append(args)
+            if len(seen) == nth:
+                raise KeyboardInterrupt
+        return real(*args, **kw)
+    return call
+
+
+# Where a person's Ctrl-C lands in the second turn: while the history is tokenized, on the `ChatGLM: ` printed
+# just before generating, and once the answer is on the screen, while it is cleaned before being stored.
+@pytest.mark.parametrize("name, real, match, generated", [
+    ("fit_history", evaluate.fit_history, lambda *args: True, False),
+    ("print", print, lambda *args: args == ("ChatGLM: ",), False),
+    ("reserved_in", evaluate.reserved_in, lambda text: text == "好的", True),
+], ids=["tokenizing", "ChatGLM-shown", "storing"])
+def test_ctrl_c_anywhere_in_a_turn_stops_that_turn_and_keeps_the_history(monkeypatch, capsys, name, real, match,
+                                                                         generated):
+    monkeypatch.setattr(evaluate, name, interrupt_at(real, 2, match), raising=False)  # print: shadows the builtin
+    prompts, out, a = piped_chat(monkeypatch, capsys, QUERIES)
+    round0 = f"[Round 0]\n问：{QUERIES[0]}\n答：{a}\n"
+    second = [f"{round0}[Round 1]\n问：{QUERIES[1]}\n答："] if generated else []
+    assert prompts == [QUERIES[0], *second, f"{round0}[Round 1]\n问：{QUERIES[2]}\n答："]
+    assert out.count(" (stopped)\n") == 1 and out.count(f"ChatGLM: {a}\n") == len(prompts)
+
+
 # ----------------------------------------------------------------------------- a session on a terminal
 @pytest.fixture(scope="module")
 def sop_checkpoint(tmp_path_factory, tok):

@@ -4,6 +4,7 @@ says, Ctrl-C then resume, the demo's base model."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +14,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from adapters import AdapterSpec, apply_adapter, read_adapter, save_adapter, write_peft_bin
 from conftest import REPO
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
 from model.loader import save_model
 from model.tokenizer import DEMO_TOKENIZER
 from runtime import checkpoint
+from runtime.files import file_digest
 from runtime.machine import has_avx2
 from study import demo_base, fingerprint
 from study.grid import EVAL_SETS
@@ -217,6 +220,59 @@ def test_bad_model_or_id_is_one_line_before_anything_runs(tmp_path, case):
     assert not (tmp_path / "runs").exists()  # nothing trained, not even the demo's base model
 
 
+# ---------------------------------------------------------------- progress, on stub commands and a stub clock
+
+def stub_launch(tmp_path: Path, rows: list[tuple[str, str, int, int]]) -> str:
+    """launch.sh with `python -m study` and the runs' commands stubbed -> its output. rows: (name, what `study next`
+    answers, seconds of its training (0: the plan has none), seconds of its evaluation). `date +%s` reads a file
+    that the stub commands move on by their seconds, so every elapsed time and ETA is exact."""
+    bin_dir, clock, plan, needs = tmp_path / "bin", tmp_path / "clock", tmp_path / "plan", tmp_path / "needs"
+    bin_dir.mkdir()
+    clock.write_text("0\n")
+    tick = f"bash {tmp_path / 'tick'}"
+    (tmp_path / "tick").write_text(f'echo $(($(cat {clock}) + $1)) >{clock}\n')
+    lines = [f"runs\t{tmp_path / 'runs'}", "lanes\t1", "env\t", "compare\t0"]
+    lines += ["\t".join(("run", name, str(tmp_path / name), f"{tick} {train}" if train else "-", f"{tick} {ev}",
+                         str(tmp_path / f"{name}-train.log"), str(tmp_path / f"{name}-eval.log")))
+              for name, _, train, ev in rows]
+    plan.write_text("\n".join(lines) + "\n")
+    needs.write_text("".join(f"{name} {what}\n" for name, what, _, _ in rows))
+    py, date = bin_dir / "python", bin_dir / "date"
+    # python -m study plan / next NAME from the files; anything else (evaluate.py --runs: the table) prints nothing
+    py.write_text(f"""#!/usr/bin/env bash
+case "$1 $2 $3" in
+    "-m study plan") cat {plan} ;;
+    "-m study next") awk -v name="$4" '$1 == name {{print $2}}' {needs} ;;
+esac
+""")
+    date.write_text(f'#!/usr/bin/env bash\n[ "$1" = +%s ] && exec cat {clock}\nexec {shutil.which("date")} "$@"\n')
+    py.chmod(0o755)
+    date.chmod(0o755)
+    env = launcher_env(PY=py, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    return subprocess.run(["bash", "launch.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+                          check=True).stdout
+
+
+def test_the_eta_is_the_mean_training_times_the_trainings_left(tmp_path):
+    out = stub_launch(tmp_path, [
+        ("0-base", "eval", 0, 60),  # the base row only evaluates: no ETA yet
+        ("1-a", "train", 600, 60),  # 660 s a training; the plan trains 4 more (what 2-b, 3-c need shows when reached)
+        ("2-b", "eval", 600, 60),  # its adapter changed: evaluated again, out of the mean
+        ("3-c", "done", 600, 60),
+        ("4-d", "train", 900, 60),  # mean (660 + 960) / 2 = 810 s, one training left
+        ("5-e", "train", 600, 60),
+    ])
+    progress = re.findall(r"\[launch\] run (\d)/6 (\S+): (.*) \(elapsed (\w+)(?:, ETA (\w+))?\)", out)
+    assert progress == [
+        ("1", "0-base", "done in 1m00s", "1m00s", ""),
+        ("2", "1-a", "done in 11m00s", "12m00s", "44m00s"),
+        ("3", "2-b", "done in 1m00s", "13m00s", "33m00s"),
+        ("4", "3-c", "finished, skipped", "13m00s", "22m00s"),
+        ("5", "4-d", "done in 16m00s", "29m00s", "13m30s"),
+        ("6", "5-e", "done in 11m00s", "40m00s", ""),
+    ], out
+
+
 # ---------------------------------------------------------------- real launches on a tiny checkpoint (seconds each)
 
 # id 11 = LoRA on the MLP of the last three layers: a few steps on 16 samples (none held out for validation:
@@ -293,6 +349,50 @@ def test_reruns_do_what_the_fingerprint_says(tmp_path, tiny_base):
     (first, second) = attempts(run / "train.log")
     assert first.endswith(" --resume") and second.endswith(" --overwrite")
     assert len(attempts(run / "eval.log")) == 3
+
+
+def test_only_the_files_the_loader_reads_decide_whether_scores_are_current(tmp_path):
+    """A launcher run scored with its LoRA adapter (run_needs reads these files, made as train.py and evaluate.py
+    make them): files added beside the adapter leave it done; other tensors or settings make it evaluated again."""
+    config = ChatGLMConfig.from_name("tiny")
+    model = ChatGLMModel(config).init_weights(0)
+    spec = AdapterSpec(method="lora", target="mlp", layers=[3, 4, 5], lora_rank=4)
+    apply_adapter(model, spec)
+    run = save_adapter(model, spec, tmp_path / "run")
+    (run / "run.json").write_text(json.dumps({"method": "lora"}))
+    (run / "train_results.json").write_text(json.dumps({"fingerprint": {"code": "c"}}))
+
+    def score(sha256):
+        for name in EVAL_SETS:
+            (run / "eval" / name).mkdir(parents=True, exist_ok=True)
+            metrics = {"adapter": {"sha256": sha256}, "fingerprint": {"code": "c"}}
+            (run / "eval" / name / "metrics.json").write_text(json.dumps(metrics))
+
+    score(fingerprint.adapter_sha256(run))
+    assert fingerprint.run_needs(run, code="c") == "done"
+    write_peft_bin(run)
+    (run / "adapter_notes.txt").write_text("tried at lr 2e-4")
+    assert fingerprint.run_needs(run, code="c") == "done"
+    assert read_adapter(run, config)[1] == run / "adapter_model.safetensors"
+    assert sorted(fingerprint.adapter_sha256(run)) == ["adapter.json", "adapter_model.safetensors"]
+    # a record from before: every adapter* file of the directory, the .bin and the notes among them
+    score({p.name: file_digest(p) for p in run.iterdir() if p.name.startswith("adapter")})
+    assert fingerprint.run_needs(run, code="c") == "done"
+
+    scored = (run / "adapter_model.safetensors").read_bytes()
+    tensors = load_file(run / "adapter_model.safetensors")
+    save_file({k: v + 0.01 for k, v in tensors.items()}, run / "adapter_model.safetensors")
+    assert fingerprint.run_needs(run, code="c") == "eval"
+    (run / "adapter_model.safetensors").write_bytes(scored)
+    assert fingerprint.run_needs(run, code="c") == "done"
+    meta = json.loads((run / "adapter.json").read_text())
+    (run / "adapter.json").write_text(json.dumps({**meta, "settings": {**meta["settings"], "lora_alpha": 64.0}}))
+    assert fingerprint.run_needs(run, code="c") == "eval"
+    # without the safetensors file the loader reads the .bin: that is hashed now
+    (run / "adapter.json").write_text(json.dumps(meta))
+    (run / "adapter_model.safetensors").unlink()
+    assert read_adapter(run, config)[1] == run / "adapter_model.bin"
+    assert sorted(fingerprint.adapter_sha256(run)) == ["adapter.json", "adapter_model.bin"]
 
 
 def live_processes_mentioning(text: str) -> list[str]:
