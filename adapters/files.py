@@ -11,6 +11,7 @@ beside a LoRA adapter's safetensors file, the same tensors under the same keys, 
 `load_adapter` also reads LoRA adapters written by PEFT (no adapter.json; `.safetensors` or `.bin`)
 and P-Tuning v2 weights saved by the reference code (prefix length and projection read off the shapes).
 """
+import math
 import os
 import re
 import shutil
@@ -259,9 +260,10 @@ def sketch_ok(weights) -> bool:
     names, sketch = (weights.get("tensors"), weights.get("sketch")) if isinstance(weights, dict) else (None, None)
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         return False
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
     return sketch is None or isinstance(sketch, list) and len(sketch) == len(names) and all(
-        isinstance(row, list) and len(row) == len(SKETCH_SIGNS) and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in row) for row in sketch)
+        isinstance(row, list) and len(row) == len(SKETCH_SIGNS) and all(map(number, row)) for row in sketch)
 
 
 def candidate_files(d: Path) -> list[Path]:

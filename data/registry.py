@@ -56,8 +56,8 @@ def check_entry(entry) -> str | None:
     for role, field in columns.items():
         if role not in DEFAULT_COLUMNS:
             return f'has "columns" role {role!r}; the roles are {", ".join(DEFAULT_COLUMNS)}'
-        if not (isinstance(field, str) or (field is None and role in ("query", "history"))):
-            return (f'maps "columns" role {role!r} to {json.dumps(field)[:60]}; give a field name (a string)'
+        if not (isinstance(field, str) and field or (field is None and role in ("query", "history"))):
+            return (f'maps "columns" role {role!r} to {json.dumps(field)[:60]}; give a field name'
                     f'{", or null for none" if role in ("query", "history") else ""}')
     return None
 

@@ -12,6 +12,7 @@ from runtime.files import InputError, load_json
 RANGES = {"vocab_size": (1, 1 << 20), "hidden_size": (4, 1 << 16), "num_layers": (1, 1024),
           "num_attention_heads": (1, 1024), "inner_hidden_size": (1, 1 << 18), "max_sequence_length": (1, 1 << 20),
           "layernorm_epsilon": (1e-12, 1e-2)}
+OPTIONAL = ("pre_seq_len", "prefix_projection", "tie_word_embeddings")  # the only keys config.json may leave out
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id")
 
 
@@ -58,6 +59,9 @@ class ChatGLMConfig:
             raise InputError(f"{path}: position_encoding_2d={raw['position_encoding_2d']!r} is not ChatGLM-6B; only "
                              "the 2D rotary model is implemented")
         kinds = {f.name: f.type for f in fields(cls)}
+        missing = [k for k in kinds if k not in raw and k not in OPTIONAL]
+        if missing:  # a typo would otherwise load ChatGLM-6B's value (the released config.json has every one)
+            raise InputError(f"{path}: lacks {', '.join(missing)}; {fix}")
         wrong = [f"{k} is {v!r}, expected {getattr(kinds[k], '__name__', kinds[k])}" for k, v in raw.items()
                  if k in kinds and not type_ok(v, kinds[k])]
         problems = wrong or cls(**{k: v for k, v in raw.items() if k in kinds}).problems()

@@ -119,7 +119,8 @@ def test_without_model_the_committed_demo_base_or_a_retrained_one(monkeypatch, t
     assert (s.optim.lr, s.optim.epochs, s.optim.batch_size, s.run.precision) == (1e-4, 2, 16, "fp32")  # flags win
     assert "model: data/demo/base-model, the demo's base model" in capsys.readouterr().out
     (tmp_path / "base-model").mkdir()
-    (tmp_path / "base-model" / "config.json").write_text("{}")  # `bash launch.sh --retrain-base` made one
+    (tmp_path / "base-model" / "config.json").write_bytes((REPO / grid.DEMO_BASE / "config.json").read_bytes())
+    # as if `bash launch.sh --retrain-base` made one
     assert train.parse_args([]).model == str(tmp_path / "base-model")
     assert evaluate.parse_args([]).load.model == str(tmp_path / "base-model")
     assert evaluate.parse_args(["--runs"]).load.model is None  # the table alone needs no model
