@@ -40,7 +40,8 @@ from model.loader import load_model
 from model.loss import IGNORE, linear_cross_entropy, next_token_targets
 from model.quant import MODES as QUANT_MODES, quantize_model
 from model.tokenizer import load_tokenizer
-from runtime.files import append_jsonl, digest, drop_torn_tail, explain, read_jsonl, write_json, write_jsonl
+from runtime.files import (InputError, append_jsonl, digest, drop_torn_tail, explain, load_json, read_jsonl, write_json,
+                           write_jsonl)
 from runtime.flags import COUNT, FINITE, POSITIVE, PROBABILITY, from_flags, number
 from runtime.precision import DTYPES, add_precision_arg, precision
 from runtime.process import gather, init_distributed, say_once
@@ -48,7 +49,8 @@ from study.fingerprint import adapter_sha256, code_fingerprint, data_fingerprint
 from study.grid import EVAL_SAMPLES, EVAL_SETS, MODEL_HELP, resolve_model
 from study.metrics import DEFINITION, METRICS, NLL_DEFINITION, prediction_stats, sample_scores, score_stats, versions
 from study.results import read_runs, write_results
-from study.rundir import EVAL, METRICS as METRICS_FILE, PREDICTIONS, SCORES, partial_predictions
+from study.rundir import (EVAL, METRICS as METRICS_FILE, PREDICTIONS, SCORES, partial_predictions, read_predictions,
+                          read_scores)
 
 # The NLL pass's batches: at most --batch-size samples and this many tokens with padding. Prompt + reference answer
 # spread wider in length than prompts alone: smaller batches waste less on padding (the demo's role-play set on CPU:
@@ -448,14 +450,13 @@ def summarize_seeds(out_dir: Path, per_seed: dict[int, dict], dirs: dict[int, Pa
 def recompute(predictions: Path) -> dict:
     """--from-predictions: metrics.json and scores.jsonl next to the file, scores recomputed; the NLL of each
     sample (from the old scores.jsonl) and the generation details kept."""
-    records = read_jsonl(predictions)
-    if not records:
-        raise ValueError(f"{predictions}: no prediction records (expected generated_predictions.jsonl lines with "
-                         "'predict' and 'label')")
+    records = read_predictions(predictions)
     path, scores = predictions.parent / METRICS_FILE, predictions.parent / SCORES
-    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    nll = {r["index"]: (r["nll"], r["target_tokens"]) for r in read_jsonl(scores) if "nll" in r} \
-        if scores.is_file() else {}
+    old = load_json(path, "evaluate.py writes this file: delete it to start it afresh") if path.is_file() else {}
+    if not isinstance(old, dict):
+        raise InputError(f"{path}: not a JSON object; evaluate.py writes this file: delete it to start it afresh")
+    nll = {r["index"]: (r["nll"], r["target_tokens"]) for r in read_scores(scores) if "nll" in r
+           and "target_tokens" in r} if scores.is_file() else {}
     new, rows = metrics_record(records, old.get("dataset", predictions.parent.name),
                                nll if all(r["index"] in nll for r in records) else None)
     metrics = {**old, **new}

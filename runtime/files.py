@@ -74,7 +74,7 @@ def read_json(path) -> dict | None:
     """A JSON file's content, or None where it is missing or unreadable (a result not written yet)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -90,7 +90,7 @@ def read_jsonl(path) -> list[dict]:
         for line in f:
             try:
                 out.append(json.loads(line))
-            except ValueError:  # json.JSONDecodeError, UnicodeDecodeError
+            except (ValueError, RecursionError):  # json.JSONDecodeError, UnicodeDecodeError, nesting
                 continue
     return out
 

@@ -7,12 +7,11 @@ A value is the mean over samples with its 95% bootstrap interval (metrics.json);
 run 0 (the base model) by a paired bootstrap over the samples both were scored on (stats.paired_difference).
 """
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
-from runtime.files import read_json, write_text
+from runtime.files import InputError, load_json, read_json, write_text
 
 from .fingerprint import code_fingerprint, made_by_other_code
 from .grid import GRID
@@ -52,7 +51,10 @@ def read_runs(runs_dir: Path, datasets: list[str], code: str | None = None, seed
     code = code or code_fingerprint()
     runs = []
     for run_json in runs_dir.glob(f"*/{RUN_JSON}"):
-        run = json.loads(run_json.read_text(encoding="utf-8"))
+        fix = "launch.sh writes this file: delete it and run bash launch.sh again"
+        run = load_json(run_json, fix)
+        if not (isinstance(run, dict) and isinstance(run.get("id"), int)):
+            raise InputError(f"{run_json}: not a grid row with an integer id; {fix}")
         if seed is not None and run.get("seed", 42) != seed:
             continue
         run["dir"] = run_json.parent

@@ -17,7 +17,7 @@ scores, checked. Imports no torch: `python -m study next` reads it once per run.
 import json
 from pathlib import Path
 
-from runtime.files import read_json
+from runtime.files import InputError, parse_json, read_json, read_utf8
 
 RUN_JSON = "run.json"
 RUN_CONFIG = "run_config.json"
@@ -35,7 +35,7 @@ def partial_predictions(key: str, rank: int | str) -> str:
     return f"generated_predictions.partial-{key}.rank{rank}.jsonl"
 
 
-class RunFileError(ValueError):
+class RunFileError(InputError):
     """A file of a run that is there but cannot be used (cut short, edited): the message names it and the fault."""
 
 
@@ -62,18 +62,39 @@ def set_scores(run_dir: Path, dataset: str) -> list[dict] | None:
     """A run's per-sample scores for one evaluation set (an integer "index" and numbers per line), or None where it
     has none (yet); RunFileError where a line is not such a row."""
     path = Path(run_dir) / EVAL / dataset / SCORES
-    if not path.is_file():
-        return None
+    return read_scores(path) if path.is_file() else None
+
+
+def read_scores(path: Path) -> list[dict]:
+    """scores.jsonl: an integer "index" and numbers per line; RunFileError where a line is not such a row."""
     rows = []
     for i, line in enumerate(path.read_bytes().splitlines(), 1):
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the parser's limit
             row = None
         if not (isinstance(row, dict) and isinstance(row.get("index"), int) and all(map(is_number, row.values()))):
             raise RunFileError(f"{path}: line {i} is not a sample's index and scores (cut short or edited)")
         rows.append(row)
     return rows
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """A finished generated_predictions.jsonl, every line a record with an integer "index" and the "predict" and
+    "label" strings (more keys are kept); RunFileError naming the line where one is not. (An unfinished evaluation's
+    partial files are read leniently instead: a line a kill cut short is generated again.)"""
+    text = read_utf8(path, "evaluate.py writes this file: evaluate again")
+    records = [parse_json(line, str(path), "evaluate.py writes this file: evaluate again", i)
+               for i, line in enumerate(text.split("\n"), 1) if line.strip()]
+    for i, r in enumerate(records):
+        if not (isinstance(r, dict) and isinstance(r.get("index"), int) and isinstance(r.get("predict"), str)
+                and isinstance(r.get("label"), str)):
+            raise RunFileError(f"{path}: record {i} is not a prediction (an integer index, the predict and label "
+                               "strings); evaluate.py writes this file: evaluate again")
+    if not records:
+        raise RunFileError(f"{path}: no prediction records (expected generated_predictions.jsonl lines with "
+                           "'index', 'predict' and 'label')")
+    return records
 
 
 def is_number(value) -> bool:

@@ -8,6 +8,7 @@ promises (float, finite tensors of the declared shapes; records of strings that 
 
     FUZZ_CASES=3000 pytest tests/test_inputs.py -k fuzz -s    # the long run: counts per reader and outcome
 """
+import contextlib
 import io
 import json
 import os
@@ -161,6 +162,20 @@ KINDS = {
 }
 
 
+def test_from_predictions_reads_each_line_checked(tmp_path, capsys):
+    """evaluate.py --from-predictions on a file a hand edited: a record without its index, a line that is not
+    JSON. One line naming the file and the record or line, exit 2, nothing written."""
+    for lines, words in ([{"predict": "a", "label": "b"}], "record 0 is not a prediction"), (
+            [{"index": 0, "predict": "a", "label": "b"}, "{"], "invalid JSON at line 2"):
+        f = tmp_path / "generated_predictions.jsonl"
+        f.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--from-predictions", str(f)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and str(f) in err and words in err, err
+        assert not (tmp_path / "metrics.json").exists()
+
+
 def run_command(command: str, made: dict, case: Path, damaged: str) -> tuple[int, str]:
     """The documented command on the case's files (the damaged one in `case`, the others intact) in this process:
     -> (exit code, stderr)."""
@@ -269,6 +284,12 @@ def fuzz_inputs(tmp_path_factory) -> dict[str, Path]:
     state = {"step": 2, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
              "rng": [rng_state(torch.device("cpu"))], "world_size": 1}
     checkpoint.write(root / "checkpoints", 2, lambda d: d.mkdir(parents=True), optimizer.state_dict(), state)
+    (root / "eval").mkdir()
+    (root / "eval" / "generated_predictions.jsonl").write_text("".join(json.dumps(
+        {"index": i, "prompt": r["instruction"], "label": r["output"], "predict": r["output"][:3]}, ensure_ascii=False)
+        + "\n" for i, r in enumerate(RECORDS)), encoding="utf-8")
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluate.recompute(root / "eval" / "generated_predictions.jsonl")  # its metrics.json and scores.jsonl
     shutil.copytree(root / "lora", root / "peft")
     (root / "peft" / "adapter.json").unlink()
     text = json.dumps(RECORDS, ensure_ascii=False)
@@ -461,13 +482,23 @@ def resume_from(case: Path):
         raise Silent(f"counters {state}")
 
 
+def recompute_scores(case: Path):
+    """evaluate.py --from-predictions on the case's generated_predictions.jsonl (its printed line kept quiet)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = evaluate.recompute(case / "generated_predictions.jsonl")
+    if not all(isinstance(metrics[k], float) for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l")):
+        raise Silent(f"scores {metrics}")
+
+
 FUZZ = {"dataset_info.json": ("info", read_data), "d.json": ("json", read_data), "d.jsonl": ("jsonl", read_data),
         "config.json": ("model", read_model), "model.safetensors.index.json": ("model", read_model),
         "model-00001-of-00001.safetensors": ("model", read_model), "ice_text.model": ("model", read_model),
         "lora/adapter.json": ("lora", None), "lora/adapter_model.safetensors": ("lora", None),
         "ptuning/adapter.json": ("ptuning", None), "ptuning/adapter_model.safetensors": ("ptuning", None),
         "peft/adapter_config.json": ("peft", None), "peft/adapter_model.safetensors": ("peft", None),
-        "step-2/trainer_state.pt": ("checkpoints", resume_from), "step-2/optimizer.pt": ("checkpoints", resume_from)}
+        "step-2/trainer_state.pt": ("checkpoints", resume_from), "step-2/optimizer.pt": ("checkpoints", resume_from),
+        "eval/generated_predictions.jsonl": ("eval", recompute_scores), "eval/metrics.json": ("eval", recompute_scores),
+        "eval/scores.jsonl": ("eval", recompute_scores)}
 
 
 @pytest.mark.parametrize("target", list(FUZZ))
