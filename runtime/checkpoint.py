@@ -57,11 +57,14 @@ def resumable(directory: Path) -> tuple[Path | None, list[str]]:
 
 def unreadable(checkpoint: Path) -> str | None:
     """What keeps a checkpoint's files from loading (the first one, in a few words), or None: torch files are
-    opened memory-mapped (a truncated one has no zip directory), safetensors by their header, JSON parsed."""
+    opened (a truncated one has no zip directory) and checked for what `load` takes, safetensors by their header,
+    JSON parsed."""
     for file in sorted(checkpoint.iterdir()):
         try:
             if file.suffix == ".pt":
-                content = torch.load(file, mmap=True, weights_only=True)  # no code runs from a file
+                # no code runs from a file; the small trainer_state.pt is read whole (memory-mapped data is only
+                # checked when used), the others memory-mapped
+                content = torch.load(file, mmap=file.name != STATE, weights_only=True)
                 if file.name == STATE and not state_ok(content, int(checkpoint.name.split("-")[1])):
                     return f"{file.name}: not a training state (its step, scheduler, scaler, one RNG state per rank)"
                 if file.name == OPTIMIZER and not optimizer_ok(content):
@@ -173,11 +176,11 @@ def write(directory: Path, step: int, write_weights, optim: dict, state: dict):
 def load(checkpoint: Path, model, optimizer, scheduler, scaler, fsdp: bool, rank: int, device) -> dict:
     """The optimizer, schedule, loss scaler and this rank's generators as they were after the checkpoint's step
     (the trained weights are the caller's); -> the loop's counters that `save` was given."""
-    state = torch.load(checkpoint / STATE, weights_only=True)  # tensors and plain values only: no code runs
     # this run's own settings, before the checkpoint's: what is loaded must be of the same kinds
     fresh = {"param_groups": [dict(g) for g in optimizer.param_groups], "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict()}
-    try:  # the files read (`unreadable`), but a hand or another version of this code may have changed what is in them
+    try:  # the files opened (`unreadable`), but their data may be cut short, or edited by a hand or other code
+        state = torch.load(checkpoint / STATE, weights_only=True)  # tensors and plain values only: no code runs
         load_optimizer_state(model, optimizer, checkpoint / OPTIMIZER, fsdp, rank == 0)
         scheduler.load_state_dict(state.pop("scheduler"))
         scaler.load_state_dict(state.pop("scaler"))

@@ -22,13 +22,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import evaluate
 from adapters import AdapterSpec, apply_adapter, load_adapter, save_adapter
-from conftest import REPO, script_env
+from conftest import REPO, script_env, write_bin_shards
 from data import encode_records, load_records
 from data.__main__ import main as data_main
 from model.loader import load_model
@@ -277,10 +278,14 @@ def fuzz_inputs(tmp_path_factory) -> dict[str, Path]:
     config = ChatGLMConfig(**{**vars(ChatGLMConfig.from_name("tiny")), **TINY})
     model = ChatGLMModel(config).init_weights(0)
     save_model(model.state_dict(), config, root / "model", tokenizer_file=DEMO_TOKENIZER)
+    write_bin_shards(model.state_dict(), config, root / "bin", n_shards=2)  # the release's layout: pickles
+    shutil.copyfile(DEMO_TOKENIZER, root / "bin" / "ice_text.model")
     for method in ("lora", "ptuning"):
         spec = AdapterSpec(method, "qkv", [1], pre_seq_len=4)
         save_adapter(apply_adapter(load_model(root / "model"), spec), spec, root / method)
     model, optimizer, scheduler, scaler = training_state(2)
+    random.seed(0)  # the generators' states saved below: the same file, so the same mutations, in every session
+    np.random.seed(0)
     state = {"step": 2, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
              "rng": [rng_state(torch.device("cpu"))], "world_size": 1}
     checkpoint.write(root / "checkpoints", 2, lambda d: d.mkdir(parents=True), optimizer.state_dict(), state)
@@ -338,7 +343,7 @@ def mutate(data: bytes, name: str, rng: random.Random) -> bytes:
         kinds += ["json"] * 6
     if name.endswith(".safetensors"):
         kinds += ["header"] * 6
-    if name.endswith(".pt"):
+    if name.endswith((".pt", ".bin")):
         kinds += ["pickled"] * 6
     kind = rng.choice(kinds)
     at = rng.randrange(len(data) + 1)
@@ -492,7 +497,9 @@ def recompute_scores(case: Path):
 
 FUZZ = {"dataset_info.json": ("info", read_data), "d.json": ("json", read_data), "d.jsonl": ("jsonl", read_data),
         "config.json": ("model", read_model), "model.safetensors.index.json": ("model", read_model),
-        "model-00001-of-00001.safetensors": ("model", read_model), "ice_text.model": ("model", read_model),
+        "model-00001-of-00001.safetensors": ("model", read_model),
+        "pytorch_model-00001-of-00002.bin": ("bin", read_model), "pytorch_model.bin.index.json": ("bin", read_model),
+        "ice_text.model": ("model", read_model),
         "lora/adapter.json": ("lora", None), "lora/adapter_model.safetensors": ("lora", None),
         "ptuning/adapter.json": ("ptuning", None), "ptuning/adapter_model.safetensors": ("ptuning", None),
         "peft/adapter_config.json": ("peft", None), "peft/adapter_model.safetensors": ("peft", None),
