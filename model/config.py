@@ -72,7 +72,7 @@ class ChatGLMConfig:
     def problems(self) -> list[str]:
         """What no ChatGLM model can have: sizes out of RANGES, heads that do not split the width into halves of
         even size (2D rotary), token ids outside the vocabulary."""
-        out = [f"{k} is {getattr(self, k)}, expected {lo:g} to {hi:g}" for k, (lo, hi) in RANGES.items()
+        out = [f"{k} is {getattr(self, k)}, expected {lo} to {hi}" for k, (lo, hi) in RANGES.items()
                if not lo <= getattr(self, k) <= hi]
         if not out and (self.hidden_size % self.num_attention_heads or self.head_dim % 4):
             out.append(f"hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} is not a "
