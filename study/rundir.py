@@ -1,5 +1,5 @@
 """A run directory: every file name in it (what train.py, evaluate.py and launch.sh write), and reading a run's
-scores, checked. Imports no torch: `python -m study next` reads it once per run.
+scores and answers, checked. Imports no torch: `python -m study next` reads it once per run.
 
     run.json                 launch.sh's runs: the grid row and the commands that made it (study/grid.py)
     run_config.json          train.py: every argument, world size, seed, library versions, git commit
@@ -72,6 +72,26 @@ def set_scores(run_dir: Path, dataset: str) -> list[dict] | None:
             row = None
         if not (isinstance(row, dict) and isinstance(row.get("index"), int) and all(map(is_number, row.values()))):
             raise RunFileError(f"{path}: line {i} is not a sample's index and scores (cut short or edited)")
+        rows.append(row)
+    return rows
+
+
+def set_predictions(run_dir: Path, dataset: str) -> list[dict] | None:
+    """A run's answers for one evaluation set (an integer "index" and the texts "prompt", "label", "predict" per
+    line), or None where it has none (yet); RunFileError where a line is not such a row."""
+    path = Path(run_dir) / EVAL / dataset / PREDICTIONS
+    if not path.is_file():
+        return None
+    rows = []
+    for i, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("index"), int)
+                and all(isinstance(row.get(k), str) for k in ("prompt", "label", "predict"))):
+            raise RunFileError(f"{path}: line {i} is not a sample's index, prompt, label and answer "
+                               "(cut short or edited)")
         rows.append(row)
     return rows
 
