@@ -7,6 +7,7 @@ scores and answers, checked. Imports no torch: `python -m study next` reads it o
                              with validation, one per --eval-steps: step, epoch, val_loss
     train_results.json       at the end
     training_loss.png        with --plot-loss
+    events.out.tfevents.*    with --tensorboard: trainer_log.jsonl's numbers for `tensorboard --logdir runs`
     adapter.json, adapter_model.safetensors, ...    the final adapter (adapters/files.py names them)
     checkpoints/step-N/      the training state to resume from (runtime/checkpoint.py names what is inside)
     train.log, eval.log      launch.sh's logs of the two commands
@@ -24,6 +25,7 @@ RUN_CONFIG = "run_config.json"
 LOG = "trainer_log.jsonl"
 TRAIN_RESULTS = "train_results.json"
 LOSS_PLOT = "training_loss.png"
+TENSORBOARD_EVENTS = "events.out.tfevents.*"  # torch.utils.tensorboard.SummaryWriter names its files so
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG, EVAL_LOG = "train.log", "eval.log"
 EVAL = "eval"
