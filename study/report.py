@@ -85,8 +85,8 @@ def answer_sets(runs: list[dict], name: str) -> tuple[list[dict], list[dict]]:
     """The samples of one evaluation set that any run answered ({"index", "prompt", "label"}, by index) and, per
     run, aligned with them: "answers" (each seed's answer; None where it has none), "capped" (each seed's answer
     hit the length cap), "scores" (per key the sample's score to 4 decimals, as metrics.py rounds them; None where
-    none; averaged over the seeds as in the table), "asked" (sample position -> the prompt where this run was given another one than the first run) and
-    "problems" (files that are there but cannot be read)."""
+    none; averaged over the seeds as in the table), "asked" (sample position -> the prompt where this run was given
+    another one than the first run) and "problems" (files that are there but cannot be read)."""
     read = []  # per run, per seed directory: {index: prediction row}
     problems = []
     for run in runs:

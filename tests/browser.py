@@ -89,7 +89,8 @@ class Browser:
             if not chunk:
                 self.log.seek(0)
                 why = "ended" if chunk == b"" else f"sent nothing for {self.wait_s:g} s"
-                raise RuntimeError(f"the browser {why}; its output:\n{self.log.read().decode(errors='replace')[-3000:]}")
+                output = self.log.read().decode(errors="replace")[-3000:]
+                raise RuntimeError(f"the browser {why}; its output:\n{output}")
             self.buffer += chunk
         message, self.buffer = self.buffer.split(b"\0", 1)
         return json.loads(message)

@@ -175,7 +175,8 @@ def csv_cell(row: dict, name: str, key: str, decimals: int, compared: str | None
     mean, low, high = (row[f"{name}/{key}{p}"] for p in parts)
     if mean == "":
         return "-"
-    text = f"{float(mean):{'+' if compared == 'signed' else ''}.{decimals}f} ±{(float(high) - float(low)) / 2:.{decimals}f}"
+    sign = "+" if compared == "signed" else ""
+    text = f"{float(mean):{sign}.{decimals}f} ±{(float(high) - float(low)) / 2:.{decimals}f}"
     if compared:
         diff = f"{name}/{key}" if compared == "signed" else f"{name}/{key}/vs_base"
         low, high = row[diff + "_low"], row[diff + "_high"]
