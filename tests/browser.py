@@ -112,8 +112,10 @@ class Browser:
             time.sleep(0.02)
 
     def evaluate(self, expression: str):
-        """The value of a JavaScript expression in the page (JSON-like values come back as Python's)."""
-        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})
+        """The value of a JavaScript expression in the page (JSON-like values come back as Python's; a promise's
+        once it settles)."""
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
+                                                "awaitPromise": True})
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -151,11 +153,16 @@ class Browser:
         }})()""")
 
     def text(self, selector: str) -> str:
-        """The text shown by the first element that matches (innerText: what is rendered, as laid out)."""
-        return self.evaluate(f"document.querySelector({json.dumps(selector)}).innerText")
+        """The text shown by the first element that matches."""
+        return self.texts(selector)[0]
 
     def texts(self, selector: str) -> list[str]:
-        return self.evaluate(f"[...document.querySelectorAll({json.dumps(selector)})].map(el => el.innerText)")
+        """The text each element that matches shows (innerText: what is rendered, as laid out), read once the next
+        frame is drawn: a person reads the screen after a click has changed it, and the page lays out only what
+        is on the screen (content-visibility)."""
+        read = f"[...document.querySelectorAll({json.dumps(selector)})].map(el => el.innerText)"
+        return self.evaluate(f"new Promise(done => requestAnimationFrame(() => requestAnimationFrame(() => "
+                             f"done({read}))))")
 
     def screenshot(self) -> bytes:
         """What the page's viewport shows, as PNG bytes."""
