@@ -101,7 +101,7 @@ def answer_sets(runs: list[dict], name: str) -> tuple[list[dict], list[dict]]:
             trouble.append(run["unreadable"][name])
         read.append(rows)
         problems.append(trouble)
-    first = {}  # index -> the first run's row: its prompt and label are the set's
+    first = {}  # index -> the row of the first run that answered it: its prompt and label are the set's
     for rows in read:
         for by_index in rows:
             for i, row in by_index.items():
@@ -137,7 +137,7 @@ def run_dir_record(run_dir: Path, datasets: list[str], code: str) -> dict:
         results = read_json(run_dir / TRAIN_RESULTS)
         train = {"commit": config.get("git_commit"), "dirty": config.get("git_dirty"),
                  "fingerprint": (results or {}).get("fingerprint"), "finished": results is not None,
-                 "other_code": other_code(results, code)}
+                 "other_code": results is not None and other_code(results, code)}  # as the table's †
     scored = {}
     for name in datasets:
         try:
