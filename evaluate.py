@@ -3,7 +3,8 @@
     python evaluate.py [--model PATH|tiny] [--run RUN] [--dataset roleplay_all_test,alpaca_gpt4_zh]
     python evaluate.py ... --seeds 42,1,2            # sampled once per seed, and the summary over the seeds
     torchrun --nproc_per_node N evaluate.py ...      # samples split across ranks, same scores as 1 process
-    python evaluate.py --runs runs [--model PATH]    # the table of every run (evaluating missing ones with --model)
+    python evaluate.py --runs runs [--model PATH]    # the table of every run (evaluating missing ones with --model),
+                                                     # and runs/report.html: the table, the answers side by side
     python evaluate.py --from-predictions FILE       # recompute metrics.json from generated_predictions.jsonl
     python evaluate.py --chat --model PATH [--run RUN] [--quantize int4]   # int8/int4 frozen weights
 
@@ -48,6 +49,7 @@ from runtime.process import gather, init_distributed, say_once
 from study.fingerprint import adapter_sha256, code_fingerprint, data_fingerprint, git_commit
 from study.grid import EVAL_SAMPLES, EVAL_SETS, MODEL_HELP, resolve_model
 from study.metrics import DEFINITION, METRICS, NLL_DEFINITION, prediction_stats, sample_scores, score_stats, versions
+from study.report import write_report
 from study.results import read_runs, write_results
 from study.rundir import (EVAL, METRICS as METRICS_FILE, PREDICTIONS, SCORES, partial_predictions, read_predictions,
                           read_scores)
@@ -123,7 +125,8 @@ def parse_args(argv=None) -> Settings:
     g.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa", help="attention kernel")
     g.add_argument("--compile", action="store_true", help="compiled decode step (CUDA graphs on CUDA); same tokens")
     t = p.add_argument_group("other modes")
-    t.add_argument("--runs", nargs="?", const="runs", help="print the table of every run under this directory (runs/)")
+    t.add_argument("--runs", nargs="?", const="runs",
+                   help="print the table of every run under this directory (runs/); write its report.html")
     t.add_argument("--bold-top", type=COUNT, default=1, help="bold the K best values of each table column")
     t.add_argument("--from-predictions", help="recompute metrics.json from a generated_predictions.jsonl")
     t.add_argument("--chat", action="store_true", help="multi-turn chat on stdin ('clear' resets, 'exit' quits)")
@@ -487,6 +490,7 @@ def table(s: Settings, rank: int, world: int, device) -> str:
     if rank != 0:
         return ""
     text = write_results(runs_dir, runs, datasets, s.bold_top)
+    write_report(runs_dir, runs, datasets, s.bold_top)
     print(text, end="")
     for run, names in missing:
         names = [n for n in names if n not in run["unreadable"]]  # the table names those

@@ -21,6 +21,7 @@ study/training.py.
 import argparse
 import functools
 import gc
+import importlib.util
 import math
 import os
 import sys
@@ -44,7 +45,7 @@ from model.loader import load_config, load_model
 from model.loss import n_targets, token_loss_sum
 from model.quant import MODES as QUANT_MODES, base_weight_bytes, quantize_model
 from model.tokenizer import load_tokenizer
-from runtime.files import append_jsonl, digest, explain, write_json
+from runtime.files import digest, explain, write_json
 from runtime.flags import COUNT, COUNT_OR_ZERO, NON_NEGATIVE, POSITIVE, from_flags
 from runtime.precision import DTYPES, add_precision_arg, precision
 from runtime.process import all_gather, init_distributed, peak_memory_bytes, say_once
@@ -101,6 +102,7 @@ class Outputs:
     save_minutes: float = 0.0  # 0: off
     logging_steps: int = 10
     plot_loss: bool = False
+    tensorboard: bool = False
     resume: bool = False
     overwrite: bool = False
 
@@ -153,6 +155,8 @@ def parse_args(argv=None) -> Settings:
     if note:
         say_once(note)
     args.precision = precision(args.precision)
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:  # one line, before any work
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
     return Settings(model=args.model, adapter=AdapterSpec.from_args(args, load_config(args.model).num_layers),
                     data=from_flags(DataSettings, args), val=from_flags(Validation, args),
                     optim=from_flags(Optimization, args), run=from_flags(Execution, args),
@@ -221,6 +225,9 @@ def add_output_args(p):
     g.add_argument("--logging-steps", type=COUNT, default=o.logging_steps,
                    help="a trainer_log.jsonl line every N steps")
     g.add_argument("--plot-loss", action="store_true", help="write training_loss.png")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write trainer_log.jsonl's numbers as TensorBoard event files into the run directory "
+                        "(needs the tensorboard package: pip install tensorboard)")
     g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint, if any")
     g.add_argument("--overwrite", action="store_true", help="replace a different run in --output-dir")
 
@@ -572,6 +579,7 @@ def train(s: Settings, rank: int, world: int, device: torch.device):
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainer = make_trainer(model, s.optim, s.run, total, rank, world, device, base)  # DDP / FSDP2, AdamW, schedule
     progress = begin(s, trainer, {**run_config, "trainable_params": n_trainable}, resume_from, data, total)
+    board = training.open_board(out, progress.step) if s.out.tensorboard and rank == 0 else None  # TensorBoard's
 
     grad_sums_by_step = []  # for the untrained-tensor check after steps 1 and 2
     with tqdm(total=total, initial=progress.step, disable=rank != 0, dynamic_ncols=True,
@@ -589,13 +597,15 @@ def train(s: Settings, rank: int, world: int, device: torch.device):
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{progress.tokens_per_s():.0f}", refresh=False)
             bar.update(1)
             if rank == 0 and (progress.step % s.out.logging_steps == 0 or progress.step == total):
-                log_step(out, progress, lr, norm, data.steps_per_epoch)
+                log_step(out, progress, lr, norm, data.steps_per_epoch, board)
             if val and (progress.step % s.val.eval_steps == 0 or progress.step == total):  # before the checkpoint
-                run_validation(out, trainer, val, progress, data.steps_per_epoch)
+                run_validation(out, trainer, val, progress, data.steps_per_epoch, board)
             if checkpoint_due(s.out, progress, total, trainer):
                 training.save_checkpoint(out, trainer, s.adapter, progress, data.steps_per_epoch)  # a collective
                 progress.saved_at = time.time()
     finish(s, out, trainer, progress, data.steps_per_epoch, n_trainable)
+    if board is not None:
+        board.close()
 
 
 def begin(s: Settings, trainer: Trainer, run_config: dict, resume_from: Path | None, data: TrainData,
@@ -656,24 +666,25 @@ def dry_run(name: str, spec: AdapterSpec, run: Execution, say):
     say(f"base weights: {size / 2**30:.2f} GiB ({run.precision}, {run.quantize})")
 
 
-def log_step(out: Path, progress: training.Progress, lr: float, norm: float, steps_per_epoch: int):
-    """Rank 0: a trainer_log.jsonl line with the mean loss of the steps since the last one."""
-    append_jsonl(out / LOG, [{"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
+def log_step(out: Path, progress: training.Progress, lr: float, norm: float, steps_per_epoch: int, board):
+    """Rank 0: a trainer_log.jsonl line with the mean loss of the steps since the last one (and on the board)."""
+    training.log(out, board, {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
                               "loss": round(sum(progress.window) / len(progress.window), 6), "lr": lr,
-                              "grad_norm": round(norm, 6), "tokens_per_s": round(progress.tokens_per_s(), 1)}])
+                              "grad_norm": round(norm, 6), "tokens_per_s": round(progress.tokens_per_s(), 1)})
     progress.window = []
 
 
 def run_validation(out: Path, trainer: Trainer, batches: list[tuple[dict, bool]], progress: training.Progress,
-                   steps_per_epoch: int):
-    """The validation loss into the Progress (the best so far) and, on rank 0, a trainer_log.jsonl line."""
+                   steps_per_epoch: int, board):
+    """The validation loss into the Progress (the best so far) and, on rank 0, a trainer_log.jsonl line (and on
+    the board)."""
     t0 = time.time()
     loss = validate(trainer, batches)
     progress.val_s += time.time() - t0
     progress.add_val(loss)
     if trainer.rank == 0:
-        append_jsonl(out / LOG, [{"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
-                                  "val_loss": round(loss, 6)}])
+        training.log(out, board, {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
+                                  "val_loss": round(loss, 6)})
         tqdm.write(f"step {progress.step}: {progress.val_text()}")
 
 

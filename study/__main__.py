@@ -6,6 +6,7 @@
     python -m study base-made                  # after --retrain-base: made.json, and is it the committed model?
     python -m study compare [RUNS]             # the demo's runs against the README's table and its measured spread
     python -m study spread REF [NAME DIR SEED ...]  # write that spread (study/expected.py)
+    python -m study report [RUNS]              # RUNS/report.html (study/report.py), from the runs as they are
 
 The grid comes from launch.sh's environment (MODEL, DATA_DIR, NPROC, PARALLEL, RUNS, SEEDS, TRAIN_EXTRA,
 EVAL_EXTRA, PY; study/grid.py); `commands` and `plan` also take --retrain-base. `plan` prints `runs DIR`,
@@ -13,7 +14,7 @@ EVAL_EXTRA, PY; study/grid.py); `commands` and `plan` also take --retrain-base. 
 README's; with --retrain-base, `base TRAIN SAVE` and `base_log LOG` (else the demo's base model is first checked
 against its made.json); then `run NAME DIR TRAIN EVAL TRAIN_LOG EVAL_LOG` per run ("-": no command). `next` writes
 the run's run.json when it has work. A bad id or setting, or a damaged base model, is one line on stderr, exit 2.
-Nothing here imports torch; `compare` and `spread` read the tables with numpy.
+Nothing here imports torch; `compare`, `spread` and `report` read the tables with numpy.
 """
 import os
 import sys
@@ -23,7 +24,7 @@ from runtime.files import reader_gone, write_json
 
 from . import demo_base
 from .fingerprint import run_needs
-from .grid import DEMO_BASE_RUN, Plan, count
+from .grid import DEMO_BASE_RUN, EVAL_SETS, Plan, count
 from .rundir import EVAL_LOG, RUN_JSON, TRAIN_LOG, TRAIN_RESULTS
 
 
@@ -105,9 +106,21 @@ def spread(args: list[str]):
     write_json(expected.EXPECTED, expected.spread(Path(args[0]), combinations))
 
 
+def report(args: list[str]):
+    from .report import write_report  # imports numpy and matplotlib: only here
+    from .results import read_runs
+    if len(args) > 1:
+        raise ValueError("usage: python -m study report [RUNS]")
+    runs_dir = Path(args[0] if args else "runs")
+    runs = read_runs(runs_dir, list(EVAL_SETS))
+    if not runs:
+        raise ValueError(f"{runs_dir}: no */run.json; launch.sh writes one per run")
+    print(write_report(runs_dir, runs, list(EVAL_SETS), top=1))
+
+
 if __name__ == "__main__":
     verbs = {"commands": commands, "plan": plan_lines, "next": next_step, "base-made": base_made,
-             "compare": compare, "spread": spread}
+             "compare": compare, "spread": spread, "report": report}
     if len(sys.argv) < 2 or sys.argv[1] not in verbs:
         sys.exit(f"usage: python -m study {{{','.join(verbs)}}} ...")
     try:

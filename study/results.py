@@ -81,11 +81,13 @@ def read_runs(runs_dir: Path, datasets: list[str], code: str | None = None, seed
 def pool_seeds(group: list[dict], datasets: list[str]) -> dict:
     """The runs of one grid row with different seeds (launch.sh SEEDS=k) -> one row. Per set, each sample's scores
     (and NLL) are averaged over the seeds; the row's values are their means with the pooled interval (bootstrap
-    over samples of those averages), and metrics["seeds"] holds the sd over the seeds' own means. A set is
-    missing (None) unless every seed scored the same samples. One run stays as it is."""
+    over samples of those averages), metrics["seeds"] holds the sd over the seeds' own means, and "dirs" every
+    seed's run directory ("dir" is the first's). A set is missing (None) unless every seed scored the same samples.
+    One run stays as it is."""
     if len(group) == 1:
         return group[0]
-    row = {**group[0], "seeds": [r.get("seed") for r in group], "other_code": any(r["other_code"] for r in group),
+    row = {**group[0], "seeds": [r.get("seed") for r in group], "dirs": [r["dir"] for r in group],
+           "other_code": any(r["other_code"] for r in group),
            "unreadable": {name: e for r in group for name, e in r["unreadable"].items()}}
     row["metrics"], row["scores"] = {}, {}
     for name in datasets:
@@ -149,12 +151,17 @@ def cell(v: tuple, decimals: int, signed: bool) -> str:
     return text if low is None else f"{text} ±{(high - low) / 2:.{decimals}f}"
 
 
-def table_rows(runs: list[dict], datasets: list[str], top: int) -> list[list[str]]:
-    """Formatted cells per run: id, method, target, layers, aux, then per set and column the value ('-' where
-    missing), bold among the `top` best distinct means of its column (as displayed, so ties tie), and its mark."""
-    rows = [[str(run["id"]) + (OTHER_CODE if run["other_code"] else ""), str(run.get("method", "-")),
-             str(run.get("target", "-")), str(run.get("layers", "-")), "yes" if run.get("aux") else "no"]
-            for run in runs]
+def table_cells(runs: list[dict], datasets: list[str], top: int) -> list[list[dict]]:
+    """The table's cells per run: id (with its mark where made by other code), method, target, layers, aux, then
+    per set and column. A cell: "text" ('-' where missing, '?' where unreadable), "bold" (among the `top` best
+    distinct means of its column, as displayed, so ties tie), "note" (the sd over seeds and the mark), "mean" (the
+    number behind it; None where none: the run columns but the id sort as text)."""
+    def plain(text: str, mean: int | None = None) -> dict:
+        return {"text": text, "bold": False, "note": "", "mean": mean}
+
+    rows = [[plain(str(run["id"]) + (OTHER_CODE if run["other_code"] else ""), int(run["id"])),
+             *(plain(str(run.get(k, "-"))) for k in ("method", "target", "layers")),
+             plain("yes" if run.get("aux") else "no")] for run in runs]
     for name in datasets:
         for key, _, decimals, better in columns():
             values = [value(run, name, key) for run in runs]
@@ -162,11 +169,17 @@ def table_rows(runs: list[dict], datasets: list[str], top: int) -> list[list[str
             best = sorted(shown, reverse=better > 0)[:top] if better else []
             for row, run, v in zip(rows, runs, values):
                 text = "-" if v is None else cell(v, decimals, key == "nll-change")
-                text = UNREADABLE if name in run["unreadable"] else text
-                if v is not None and round(v[0], decimals) in best:
-                    text = f"**{text}**"
-                row.append(text + seed_sd(run, name, key) + mark(run, name, key))
+                row.append({"text": UNREADABLE if name in run["unreadable"] else text,
+                            "bold": v is not None and round(v[0], decimals) in best,
+                            "note": seed_sd(run, name, key) + mark(run, name, key),
+                            "mean": None if v is None else v[0]})
     return rows
+
+
+def table_rows(runs: list[dict], datasets: list[str], top: int) -> list[list[str]]:
+    """The cells of table_cells as markdown: bold as **text**, then the note."""
+    return [[(f"**{c['text']}**" if c["bold"] else c["text"]) + c["note"] for c in row]
+            for row in table_cells(runs, datasets, top)]
 
 
 def markdown_table(runs: list[dict], datasets: list[str], top: int) -> str:

@@ -1,5 +1,5 @@
 """A run directory: every file name in it (what train.py, evaluate.py and launch.sh write), and reading a run's
-scores, checked. Imports no torch: `python -m study next` reads it once per run.
+scores and answers, checked. Imports no torch: `python -m study next` reads it once per run.
 
     run.json                 launch.sh's runs: the grid row and the commands that made it (study/grid.py)
     run_config.json          train.py: every argument, world size, seed, library versions, git commit
@@ -7,6 +7,7 @@ scores, checked. Imports no torch: `python -m study next` reads it once per run.
                              with validation, one per --eval-steps: step, epoch, val_loss
     train_results.json       at the end
     training_loss.png        with --plot-loss
+    events.out.tfevents.*    with --tensorboard: trainer_log.jsonl's numbers for `tensorboard --logdir runs`
     adapter.json, adapter_model.safetensors, ...    the final adapter (adapters/files.py names them)
     checkpoints/step-N/      the training state to resume from (runtime/checkpoint.py names what is inside)
     train.log, eval.log      launch.sh's logs of the two commands
@@ -24,6 +25,7 @@ RUN_CONFIG = "run_config.json"
 LOG = "trainer_log.jsonl"
 TRAIN_RESULTS = "train_results.json"
 LOSS_PLOT = "training_loss.png"
+TENSORBOARD_EVENTS = "events.out.tfevents.*"  # torch.utils.tensorboard.SummaryWriter names its files so
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG, EVAL_LOG = "train.log", "eval.log"
 EVAL = "eval"
@@ -79,21 +81,30 @@ def read_scores(path: Path) -> list[dict]:
     return rows
 
 
+def set_predictions(run_dir: Path, dataset: str) -> list[dict] | None:
+    """A run's answers for one evaluation set (read_predictions), or None where it has none (yet)."""
+    path = Path(run_dir) / EVAL / dataset / PREDICTIONS
+    return read_predictions(path) if path.is_file() else None
+
+
 def read_predictions(path: Path) -> list[dict]:
-    """A finished generated_predictions.jsonl, every line a record with an integer "index" and the "predict" and
-    "label" strings (more keys are kept); RunFileError naming the line where one is not. (An unfinished evaluation's
-    partial files are read leniently instead: a line a kill cut short is generated again.)"""
-    text = read_utf8(path, "evaluate.py writes this file: evaluate again")
-    records = [parse_json(line, str(path), "evaluate.py writes this file: evaluate again", i)
-               for i, line in enumerate(text.split("\n"), 1) if line.strip()]
+    """A finished generated_predictions.jsonl, every line a record with an integer "index" and the "prompt",
+    "label" and "predict" strings (more keys are kept); RunFileError naming the line where one is not. (An
+    unfinished evaluation's partial files are read leniently instead: a line a kill cut short is generated again.)"""
+    fix = "evaluate.py writes this file: evaluate again"
+    try:
+        records = [parse_json(line, str(path), fix, i) for i, line in enumerate(read_utf8(path, fix).split("\n"), 1)
+                   if line.strip()]
+    except InputError as e:
+        raise RunFileError(str(e)) from None
     for i, r in enumerate(records):
-        if not (isinstance(r, dict) and isinstance(r.get("index"), int) and isinstance(r.get("predict"), str)
-                and isinstance(r.get("label"), str)):
-            raise RunFileError(f"{path}: record {i} is not a prediction (an integer index, the predict and label "
-                               "strings); evaluate.py writes this file: evaluate again")
+        if not (isinstance(r, dict) and isinstance(r.get("index"), int)
+                and all(isinstance(r.get(k), str) for k in ("prompt", "label", "predict"))):
+            raise RunFileError(f"{path}: record {i} is not a sample's index, prompt, label and answer (cut short or "
+                               f"edited); {fix}")
     if not records:
-        raise RunFileError(f"{path}: no prediction records (expected generated_predictions.jsonl lines with "
-                           "'index', 'predict' and 'label')")
+        raise RunFileError(f"{path}: no prediction records (generated_predictions.jsonl lines with 'index', "
+                           f"'prompt', 'label' and 'predict'); {fix}")
     return records
 
 

@@ -17,14 +17,14 @@ import torch.distributed as dist
 
 from adapters.files import ADAPTER_FILES, write_adapter
 from runtime import checkpoint
-from runtime.files import InputError, load_json, read_jsonl, write_json, write_jsonl
+from runtime.files import InputError, append_jsonl, load_json, read_jsonl, write_json, write_jsonl
 from runtime.process import say_once
 
 from .fingerprint import git_commit, library_versions
-from .rundir import CHECKPOINTS, LOG, LOSS_PLOT, RUN_CONFIG, TRAIN_RESULTS
+from .rundir import CHECKPOINTS, LOG, LOSS_PLOT, RUN_CONFIG, TENSORBOARD_EVENTS, TRAIN_RESULTS
 
 VOLATILE_ARGS = {"resume", "overwrite", "dry_run", "attention", "dist_timeout", "logging_steps", "plot_loss",
-                 "save_steps", "save_minutes", "output_dir", "eval_steps"}
+                 "tensorboard", "save_steps", "save_minutes", "output_dir", "eval_steps"}
 OUR_FILES = (RUN_CONFIG, LOG, TRAIN_RESULTS, LOSS_PLOT, *ADAPTER_FILES, CHECKPOINTS)
 
 
@@ -98,12 +98,35 @@ def clear_outputs(out: Path):
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+    for path in out.glob(TENSORBOARD_EVENTS):  # an earlier run's curves would show beside this one's
+        path.unlink()
 
 
 def truncate_log(log_file: Path, last_step: int):
     """On resume: drop the lines the interrupted run wrote after its checkpoint (and one a kill cut short)."""
     if log_file.is_file():
         write_jsonl(log_file, [r for r in read_jsonl(log_file) if r["step"] <= last_step])
+
+
+def log(out: Path, board, record: dict):
+    """A trainer_log.jsonl line; with --tensorboard (`board`: a SummaryWriter), each of its numbers but the step
+    and the epoch as a TensorBoard scalar of the same name at that step, flushed at once (an interrupted run keeps
+    what it logged)."""
+    append_jsonl(out / LOG, [record])
+    if board is not None:
+        for key, value in record.items():
+            if key not in ("step", "epoch"):
+                board.add_scalar(key, value, record["step"])
+        board.flush()
+
+
+def open_board(out: Path, step: int):
+    """--tensorboard: a writer of TensorBoard event files into the run directory, so that `tensorboard --logdir
+    runs` shows every run of the grid together, each named by its directory. Resumed after step `step`, the events
+    its interrupted attempt wrote after that step are hidden, as truncate_log drops those lines of the log."""
+    from torch.utils.tensorboard import SummaryWriter  # train.py checked that the tensorboard package is there
+
+    return SummaryWriter(str(out), purge_step=step + 1 if step else None)
 
 
 def plot_loss(log_file: Path, png: Path):

@@ -15,6 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +24,8 @@ from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
 from model.generate import generate_ids, sample_seed
 from runtime.files import write_json
-from study.metrics import mean_scores, sample_scores
+from study.fingerprint import code_fingerprint
+from study.metrics import METRICS, mean_scores, sample_scores, score_stats
 from study.rundir import LOG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,6 +136,25 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, ma
     seeds = [sample_seed(seed, i) for i in range(len(prompts))]
     rows = generate_ids(model, ids, max_new_tokens, max_length, do_sample, top_p, temperature, seeds)
     return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+
+
+def write_scored_run(runs: Path, dirname: str, run: dict, rows_by_set: dict):
+    """A run directory as evaluate.py leaves it: per set scores.jsonl and a metrics.json made from those rows."""
+    d = runs / dirname
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({"name": dirname, **run}))
+    for name, rows in rows_by_set.items():
+        (d / "eval" / name).mkdir(parents=True)
+        (d / "eval" / name / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        metrics = {**score_stats(rows), "fingerprint": {"code": code_fingerprint()}}
+        (d / "eval" / name / "metrics.json").write_text(json.dumps(metrics))
+
+
+def synthetic_rows(n: int, seed: int) -> list[dict]:
+    """Per-sample scores shaped like the study's: metrics in [0, 100] with a long tail, NLL, reference tokens."""
+    rng = np.random.default_rng(seed)
+    return [{"index": i, **{k: float(v) for k, v in zip(METRICS, rng.gamma(2.0, 8.0, 4).clip(0, 100).round(4))},
+             "nll": float(rng.uniform(1.5, 3.0)), "target_tokens": int(rng.integers(5, 60))} for i in range(n)]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,7 +16,8 @@ import torch
 import evaluate
 import train
 from adapters import AdapterSpec, apply_adapter, save_adapter
-from conftest import REPO, build_train_samples, corpus_scores, greedy_answers, script_env, torchrun_command
+from conftest import (REPO, build_train_samples, corpus_scores, greedy_answers, script_env, synthetic_rows,
+                      torchrun_command, write_scored_run)
 from data import DEMO_DIR, build_eval_samples, encode_train
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
@@ -26,7 +27,7 @@ from model.loss import IGNORE, token_loss_sum
 from model.tokenizer import load_tokenizer
 from study import results
 from study.fingerprint import code_files, code_fingerprint, run_needs
-from study.metrics import METRICS, TITLES, sample_scores, score_stats
+from study.metrics import METRICS, TITLES, sample_scores
 from study.stats import bootstrap_interval, paired_difference
 
 
@@ -55,25 +56,6 @@ def three_runs(runs: Path):
     write_run(runs, "9-ptuning", {"id": 9, "method": "ptuning", "target": "-", "layers": "-", "aux": False},
               {"roleplay_all_test": [1.37, 11.89, 1.1312, 8.93], "alpaca_gpt4_zh": [16.37, 35.59, 15.95, 27.06]})
     (runs / "base-model").mkdir()  # no run.json: not a run (the demo's exported base model lives here)
-
-
-def write_scored_run(runs: Path, dirname: str, run: dict, rows_by_set: dict):
-    """A run directory as evaluate.py leaves it: per set scores.jsonl and a metrics.json made from those rows."""
-    d = runs / dirname
-    d.mkdir(parents=True)
-    (d / "run.json").write_text(json.dumps({"name": dirname, **run}))
-    for name, rows in rows_by_set.items():
-        (d / "eval" / name).mkdir(parents=True)
-        (d / "eval" / name / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        metrics = {**score_stats(rows), "fingerprint": {"code": code_fingerprint()}}
-        (d / "eval" / name / "metrics.json").write_text(json.dumps(metrics))
-
-
-def synthetic_rows(n: int, seed: int) -> list[dict]:
-    """Per-sample scores shaped like the study's: metrics in [0, 100] with a long tail, NLL, reference tokens."""
-    rng = np.random.default_rng(seed)
-    return [{"index": i, **{k: float(v) for k, v in zip(METRICS, rng.gamma(2.0, 8.0, 4).clip(0, 100).round(4))},
-             "nll": float(rng.uniform(1.5, 3.0)), "target_tokens": int(rng.integers(5, 60))} for i in range(n)]
 
 
 # metrics.json written before intervals and the NLL existed: means only, '-' for the NLL columns

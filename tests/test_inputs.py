@@ -166,7 +166,7 @@ KINDS = {
 def test_from_predictions_reads_each_line_checked(tmp_path, capsys):
     """evaluate.py --from-predictions on a file a hand edited: a record without its index, a line that is not
     JSON. One line naming the file and the record or line, exit 2, nothing written."""
-    for lines, words in ([{"predict": "a", "label": "b"}], "record 0 is not a prediction"), (
+    for lines, words in ([{"predict": "a", "label": "b"}], "record 0 is not a sample's index"), (
             [{"index": 0, "predict": "a", "label": "b"}, "{"], "invalid JSON at line 2"):
         f = tmp_path / "generated_predictions.jsonl"
         f.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")

@@ -4,6 +4,7 @@ and never trained on, the training is the same with validation as without, and 2
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,56 @@ def test_the_plot_shows_the_validation_points(tmp_path):
         training.plot_loss(tmp_path / name / LOG, tmp_path / name / "training_loss.png")
     png = {name: (tmp_path / name / "training_loss.png").read_bytes() for name in ("train", "both")}
     assert len(png["both"]) > 1000 and png["both"] != png["train"]
+
+
+# ---------------------------------------------------------------- TensorBoard (optional: pip install tensorboard)
+
+def test_tensorboard_shows_the_logs_numbers_and_changes_nothing_else(tmp_path):
+    pytest.importorskip("tensorboard", reason="the optional tensorboard package is not installed")
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    runs = tmp_path / "runs"
+    for name, flag in (("plain", []), ("board", ["--tensorboard"])):
+        run_train("--lr", 1e-2, "--max-steps", 6, "--logging-steps", 2, "--val-size", 6, "--eval-steps", 3,
+                  "--output-dir", runs / name, *flag)
+    # what `tensorboard --logdir runs` reads: one run per directory that has event files, named by it
+    board = EventMultiplexer().AddRunsFromDirectory(str(runs))
+    board.Reload()
+    assert list(board.Runs()) == ["board"]
+    assert set(board.Runs()["board"]["scalars"]) == {"loss", "lr", "grad_norm", "tokens_per_s", "val_loss"}
+    log = train_log(runs / "board")
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss"):
+        events = board.Scalars("board", key)
+        assert [e.step for e in events] == [r["step"] for r in log if key in r]
+        assert [e.value for e in events] == pytest.approx([r[key] for r in log if key in r], rel=1e-6)
+    assert [e.step for e in board.Scalars("board", "val_loss")] == [3, 6]
+    # the flag changes no number: the same adapter, the same settings fingerprint, the same log but the speed
+    assert results(runs / "board")["fingerprint"] == results(runs / "plain")["fingerprint"]
+    assert (runs / "board" / "adapter_model.safetensors").read_bytes() == \
+        (runs / "plain" / "adapter_model.safetensors").read_bytes()
+    assert train_rows(runs / "board") == train_rows(runs / "plain")
+
+
+def test_a_resumed_board_hides_what_the_interrupted_attempt_logged_after_its_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard", reason="the optional tensorboard package is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = training.open_board(tmp_path, 0)
+    for step in range(1, 7):  # interrupted after step 6; its last checkpoint is step 3's
+        first.add_scalar("loss", 10.0 - step, step)
+    first.close()
+    again = training.open_board(tmp_path, 3)
+    for step in (4, 5):
+        again.add_scalar("loss", 100.0 + step, step)
+    again.close()
+    shown = EventAccumulator(str(tmp_path))
+    shown.Reload()
+    assert [(e.step, e.value) for e in shown.Scalars("loss")] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 104.0),
+                                                                    (5, 105.0)]
+
+
+def test_tensorboard_without_its_package_is_one_line_naming_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as where it is not installed
+    with pytest.raises(ValueError, match=r"^--tensorboard needs the tensorboard package: pip install tensorboard$"):
+        train.parse_args([*SMALL, "--tensorboard"])
+    assert train.parse_args(SMALL).out.tensorboard is False  # without the flag nothing asks for it
