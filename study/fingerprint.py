@@ -79,7 +79,7 @@ def scored_with(recorded: dict | None, adapter: dict | None) -> bool:
     model) are for `adapter` (adapter_sha256 now). Records written before adapter_sha256 hashed only the files read
     list every adapter* file of the directory, a superset: only the names read now are compared, so such a record
     stays current while those files are unchanged, whatever else it lists."""
-    if recorded is None or adapter is None:
+    if recorded is None or adapter is None or not isinstance(recorded, dict):
         return recorded == adapter
     return {name: recorded.get(name) for name in adapter} == adapter
 
@@ -98,7 +98,8 @@ def git_commit() -> tuple[str | None, bool | None]:
 
 def other_code(record: dict | None, code: str) -> bool:
     """True when a train_results.json / metrics.json was made by other code (or before fingerprints existed)."""
-    return (record or {}).get("fingerprint", {}).get("code") != code
+    fingerprint = record.get("fingerprint") if isinstance(record, dict) else None
+    return not isinstance(fingerprint, dict) or fingerprint.get("code") != code
 
 
 def run_needs(run_dir: Path, rerun_stale: bool = False, code: str | None = None) -> str:
@@ -108,8 +109,10 @@ def run_needs(run_dir: Path, rerun_stale: bool = False, code: str | None = None)
     (finished, by other code) or 'done'."""
     code = code or code_fingerprint()
     trained = (run_dir / "adapter.json").is_file() or (run_dir / "adapter_config.json").is_file()
-    base_row = (read_json(run_dir / RUN_JSON) or {}).get("method") == "none"
+    run = read_json(run_dir / RUN_JSON)
+    base_row = isinstance(run, dict) and run.get("method") == "none"
     train = None if base_row else read_json(run_dir / TRAIN_RESULTS)
+    train = train if isinstance(train, dict) else None  # missing, or edited into something else: train again
     if not base_row and (train is None or not trained or (rerun_stale and other_code(train, code))):
         return "train"
     try:
@@ -119,7 +122,8 @@ def run_needs(run_dir: Path, rerun_stale: bool = False, code: str | None = None)
     if any(m is None for m in scores):
         return "eval"
     adapter = None if base_row else adapter_sha256(run_dir)
-    if not all(scored_with((m.get("adapter") or {}).get("sha256"), adapter) for m in scores):
+    if not all(scored_with(m["adapter"].get("sha256") if isinstance(m.get("adapter"), dict) else None, adapter)
+               for m in scores):
         return "eval"
     if made_by_other_code(train, scores, code):
         return "eval" if rerun_stale else "stale"

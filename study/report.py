@@ -28,7 +28,7 @@ from runtime.files import read_json, read_jsonl, write_text
 from .fingerprint import code_fingerprint, git_commit, other_code
 from .metrics import METRICS, TITLES
 from .results import BASE_ID, RUN_COLUMNS, columns, markdown_table, table_cells, write_chart
-from .rundir import LOG, RUN_CONFIG, RUN_JSON, TRAIN_RESULTS, RunFileError, set_metrics, set_predictions
+from .rundir import LOG, RUN_CONFIG, RUN_JSON, TRAIN_RESULTS, RunFileError, is_number, set_metrics, set_predictions
 
 REPORT = "report.html"
 TEMPLATE = Path(__file__).with_name("report.html")
@@ -130,14 +130,12 @@ def run_dir_record(run_dir: Path, datasets: list[str], code: str) -> dict:
     trained) with the commit of run_config.json and the fingerprints of train_results.json; per set in "eval" the
     commit and fingerprints of its metrics.json ({"problem"} where damaged, None where missing); "other_code" on
     each where made by other code than `code`; "loss" and "val_loss": [step, value] pairs."""
-    run_json = read_json(run_dir / RUN_JSON) or {}
-    config = read_json(run_dir / RUN_CONFIG) or {}
+    run_json, config, results = (as_dict(read_json(run_dir / n)) for n in (RUN_JSON, RUN_CONFIG, TRAIN_RESULTS))
     train = None
     if run_json.get("method", "none") != "none":
-        results = read_json(run_dir / TRAIN_RESULTS)
         train = {"commit": config.get("git_commit"), "dirty": config.get("git_dirty"),
-                 "fingerprint": (results or {}).get("fingerprint"), "finished": results is not None,
-                 "other_code": results is not None and other_code(results, code)}  # as the table's †
+                 "fingerprint": results.get("fingerprint"), "finished": bool(results),
+                 "other_code": bool(results) and other_code(results, code)}  # as the table's †
     scored = {}
     for name in datasets:
         try:
@@ -147,10 +145,16 @@ def run_dir_record(run_dir: Path, datasets: list[str], code: str) -> dict:
             continue
         scored[name] = None if m is None else {"commit": m.get("git_commit"), "dirty": m.get("git_dirty"),
                                                "fingerprint": m.get("fingerprint"), "other_code": other_code(m, code)}
-    log = read_jsonl(run_dir / LOG) if (run_dir / LOG).is_file() else []
+    log = [r for r in read_jsonl(run_dir / LOG) if isinstance(r, dict)] if (run_dir / LOG).is_file() else []
     return {"name": run_dir.name, "seed": run_json.get("seed"), "train": train, "eval": scored,
-            "loss": [[r["step"], r["loss"]] for r in log if "loss" in r],
-            "val_loss": [[r["step"], r["val_loss"]] for r in log if "val_loss" in r]}
+            **{key: [[r["step"], r[key]] for r in log if is_number(r.get(key)) and is_number(r.get("step"))]
+               for key in ("loss", "val_loss")}}
+
+
+def as_dict(content) -> dict:
+    """A run file's JSON where it is an object; {} where it is missing, damaged or edited into something else (the
+    page shows what is known; the table names the damaged files)."""
+    return content if isinstance(content, dict) else {}
 
 
 def chart_png(runs: list[dict], datasets: list[str]) -> bytes:

@@ -20,7 +20,7 @@ from conftest import REPO, synthetic_rows, write_scored_run
 from data.prompt import build_prompt
 from study import report, results
 from study.fingerprint import code_fingerprint
-from study.rundir import LOG, PREDICTIONS, TRAIN_RESULTS
+from study.rundir import LOG, PREDICTIONS, RUN_CONFIG, TRAIN_RESULTS
 
 SETS = ("roleplay_all_test", "alpaca_gpt4_zh")
 SIZES = {"roleplay_all_test": 449, "alpaca_gpt4_zh": 100}  # the study's role-play test set has 449 samples
@@ -123,6 +123,23 @@ def test_a_damaged_answers_file_is_named_and_the_rest_shown(tmp_path):
                                  "evaluate.py writes this file: evaluate again"]
     assert run17["answers"][5] == [None] and data["runs"][0]["answers"]["alpaca_gpt4_zh"]["answers"][5] == \
         ["run 0 seed 42 answers 5"]
+
+
+def test_run_files_edited_by_hand_leave_out_what_is_wrong(tmp_path):
+    """A loss log with lines that are not a step's numbers, and train_results.json / run_config.json edited into
+    lists: the page shows the good points and no provenance, without a traceback."""
+    write_grid(tmp_path)
+    d = tmp_path / "17-lora-qkv-3-5"
+    (d / LOG).write_text('{"step": 10, "loss": 5.0}\n[1]\n{"loss": 4.0}\n{"step": 20, "loss": "x"}\n'
+                         '{"step": 20, "val_loss": 4.5}\n')
+    for name in (TRAIN_RESULTS, RUN_CONFIG):
+        (d / name).write_text("[1, 2]")
+    runs = results.read_runs(tmp_path, list(SETS))
+    run17 = next(r for r in report.report_data(runs, list(SETS), 1, code_fingerprint())["runs"] if r["id"] == 17)
+    record = run17["dirs"][0]
+    assert record["loss"] == [[10, 5.0]] and record["val_loss"] == [[20, 4.5]]
+    assert record["train"] == {"commit": None, "dirty": None, "fingerprint": None, "finished": False,
+                               "other_code": False}
 
 
 def test_python_m_study_report(tmp_path):
