@@ -344,3 +344,39 @@ def test_frozen_lower_layers_record_no_graph():
                 todo.extend(f for f, _ in fn.next_functions)
         embedding_backward = [fn for fn in grad_fns if "Embedding" in type(fn).__name__]
         assert embedding_backward == []  # the word embeddings are never reached
+
+
+def test_dry_run_memory_per_process_from_the_tensors(monkeypatch, capsys):
+    """The estimate against the tiny model's own tensors: LoRA on the last layer, FSDP2 over 4 processes, bf16."""
+    lora = ["--method", "lora", "--target", "qkv", "--layers", "5-5", "--lora-rank", "8"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    train.main(["--model", "tiny", *lora, "--dist", "fsdp", "--precision", "bf16", "--batch-size", "2",
+                "--max-source-length", "30", "--max-target-length", "10", "--dry-run"])
+    printed = capsys.readouterr().out
+    model = load_model("tiny")
+    apply_adapter(model, AdapterSpec(method="lora", target="qkv", layers=[5], lora_rank=8))
+    trained = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert sorted(trained) == ["transformer.layers.5.attention.query_key_value.lora_A.weight",
+                               "transformer.layers.5.attention.query_key_value.lora_B.weight"]
+    n = sum(trained.values())
+    assert n == 8 * 128 + 384 * 8
+    spec = train.parse_args(["--model", "tiny", *lora, "--dist", "fsdp", "--precision", "bf16"])
+    memory = train.memory_per_process(meta_model(spec), spec.run, 5, 2, 30, 10, 4)
+    block = sum(p.numel() for p in model.transformer.layers[5].parameters())  # the largest: it holds the LoRA
+    root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.transformer.layers.parameters())
+    assert memory["parameters"] == (4 * n + 2 * frozen) // 4 + 2 * (root + 2 * block)
+    assert memory["gradients"] == 4 * n // 4 and memory["optimizer"] == 8 * n // 4
+    # one block backward runs through (layer 5), 80 tokens: 8 x 128 + 2 x 512 values each, bf16; the loss: 20 label
+    # tokens x 128 in bf16 and a chunk of 2**24 logits in float32 and bf16
+    assert memory["activations"] == 80 * (8 * 128 + 2 * 512) * 2 + 20 * 128 * 2 + 2**24 * 6
+    assert "memory per process, 4 x --dist fsdp (sharded), batch 2 x 40 tokens, bf16" in printed
+    assert f"optimizer {8 * n / 4 / 2**30:.2f} GiB" in printed
+
+
+def meta_model(s: train.Settings) -> ChatGLMModel:
+    """A run's model as build_model leaves it, on the meta device."""
+    with torch.device("meta"):
+        model = ChatGLMModel(ChatGLMConfig.from_name("tiny"))
+    apply_adapter(model, s.adapter)
+    return train.float32_trainable(model.to(torch.bfloat16))
