@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import train
 from adapters import AdapterSpec, apply_adapter, load_adapter
-from conftest import REPO, TRAIN_SMALL, build_train_samples, script_env, torchrun_command, train_log
+from conftest import (REPO, TRAIN_SMALL, build_train_samples, free_port, script_env, torchrun_command,
+                      torchrun_node_command, train_log)
 from data import DEMO_DIR, collate_train
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
@@ -104,6 +105,40 @@ def test_two_ranks_equal_one_process(tmp_path, dist):
         torchrun(2, *common, "--batch-size", 2, "--dist", dist, "--output-dir", tmp_path / "two", "--resume")
         resumed = adapter(tmp_path / "two")
         assert all(torch.equal(two[k], resumed[k]) for k in two)
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(tmp_path):
+    """Two torchrun agents on this machine acting as two nodes (c10d rendezvous, one process each, gloo): global
+    ranks 0 and 1, each LOCAL_RANK 0, as on two machines. Batch 2 per node == 1 process x batch 4: the same losses
+    and adapter; only global rank 0 prints."""
+    common = ["--method", "lora", "--target", "qkv", "--layers", "3", "--lora-dropout", 0, "--lr", 3e-3,
+              "--max-steps", 4, "--save-steps", 0, "--max-samples", 16]
+    run_train(*common, "--batch-size", 4, "--output-dir", tmp_path / "one")
+    endpoint = f"localhost:{free_port()}"
+    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
+    agents = []
+    try:
+        for r, log in enumerate(logs):
+            command = torchrun_node_command(2, r, endpoint, "train.py", *SMALL, *common, "--batch-size", 2,
+                                            "--output-dir", tmp_path / "two")
+            with log.open("w") as f:
+                agents.append(subprocess.Popen(command, cwd=REPO, env=script_env(), stdout=f, stderr=subprocess.STDOUT))
+        codes = [a.wait(timeout=240) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "trainable params" in outputs[0] and "trainable params" not in outputs[1]
+    one, two = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) == 6
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert max(t.abs().max().item() for k, t in one.items() if "lora_B" in k) > 1e-3  # it did train
+    losses_one, losses_two = ([r["loss"] for r in train_log(tmp_path / d)] for d in ("one", "two"))
+    assert len(losses_one) == 4 and losses_one == pytest.approx(losses_two, abs=1e-5)
+    assert json.loads((tmp_path / "two" / "train_results.json").read_text())["world_size"] == 2
 
 
 # ---------------------------------------------------------------- one output matrix (tie_word_embeddings)
