@@ -75,7 +75,8 @@ TRAINS=$(awk -F'\t' '$1 == "run" && $4 != "-" {n++} END {print n + 0}' <<<"$PLAN
 # One launcher per RUNS (per machine of a multi-node launch, whose machines share RUNS). The lock is held as long
 # as this shell or any run it started lives.
 mkdir -p "$RUNS"
-LAUNCH="$RUNS/launch$([ "${NNODES:-1}" -gt 1 ] && echo "-node$NODE_RANK")"
+LAUNCH="$RUNS/launch"
+[ "${NNODES:-1}" -gt 1 ] && LAUNCH+="-node$NODE_RANK"
 exec 9>>"$LAUNCH.lock"
 flock -n 9 || { echo "launch.sh: $RUNS is in use by another launcher ($(cat "$LAUNCH.holder" 2>/dev/null));" \
     "wait for it or stop it" >&2; exit 1; }
