@@ -24,6 +24,13 @@
 #   NPROC     processes (GPUs) per run (default: the GPUs visible, else 1)
 #   PARALLEL  runs side by side, each on its own NPROC GPUs (default 1; 2 for the CPU demo). With 8 GPUs,
 #             NPROC=1 PARALLEL=8 runs eight single-GPU runs at once, as the study did on 8 A100s.
+#   NNODES, NODE_RANK, RDZV_ENDPOINT, RDZV_ID  several machines per run (default NNODES=1): run the same
+#             `bash launch.sh` on each machine, NODE_RANK=0..NNODES-1, with RUNS on a filesystem they all see;
+#             every command then starts as `torchrun --nnodes NNODES --nproc_per_node NPROC --node_rank NODE_RANK
+#             --rdzv_backend c10d --rdzv_endpoint RDZV_ENDPOINT --rdzv_id RDZV_ID-<run>-train` (-eval), so that the
+#             machines meet at RDZV_ENDPOINT (host:port of node 0) once per command; RDZV_ID default: chatglm. One
+#             run at a time (PARALLEL 1); each machine keeps its own lock and progress (launch-nodeK.*). Tried only
+#             with --dry-run: train.py on two nodes is tested as two torchrun agents on one machine (README).
 #   RUNS      output directory (default runs)
 #   SEEDS     k: train and evaluate every chosen row with k seeds, 42, 43, ... (default 1: seed 42 only). Seed S
 #             runs in RUNS/<id>-<name>-seedS (42: RUNS/<id>-<name>) with train.py and evaluate.py --seed S; the
@@ -65,13 +72,16 @@ PARALLEL=$(field lanes)
 N=$(grep -c $'^run\t' <<<"$PLAN")
 TRAINS=$(awk -F'\t' '$1 == "run" && $4 != "-" {n++} END {print n + 0}' <<<"$PLAN")  # rows with a training
 
-# One launcher per RUNS. The lock is held as long as this shell or any run it started lives.
+# One launcher per RUNS (per machine of a multi-node launch, whose machines share RUNS). The lock is held as long
+# as this shell or any run it started lives.
 mkdir -p "$RUNS"
-exec 9>>"$RUNS/launch.lock"
-flock -n 9 || { echo "launch.sh: $RUNS is in use by another launcher ($(cat "$RUNS/launch.holder" 2>/dev/null));" \
+LAUNCH="$RUNS/launch"
+[ "${NNODES:-1}" -gt 1 ] && LAUNCH+="-node$NODE_RANK"
+exec 9>>"$LAUNCH.lock"
+flock -n 9 || { echo "launch.sh: $RUNS is in use by another launcher ($(cat "$LAUNCH.holder" 2>/dev/null));" \
     "wait for it or stop it" >&2; exit 1; }
-echo "$HOLDER" >"$RUNS/launch.holder"
-PROGRESS="$RUNS/launch.progress"
+echo "$HOLDER" >"$LAUNCH.holder"
+PROGRESS="$LAUNCH.progress"
 : >"$PROGRESS"
 START=$(date +%s)
 
@@ -161,7 +171,7 @@ interrupted() {
     wait 2>/dev/null || true
     # The runs are gone when nothing holds the lock any more (their processes inherited it); KILL after 10 s.
     exec 9>&-
-    flock -w 10 "$RUNS/launch.lock" true \
+    flock -w 10 "$LAUNCH.lock" true \
         || for pid in "${GROUPS_RUNNING[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
     printf '\n[launch] interrupted: the runs stopped; the same command resumes them (checkpoints are kept)\n' >&2
     exit 130

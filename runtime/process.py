@@ -17,7 +17,9 @@ def say_once(text: str):
 
 
 def init_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
-    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; a plain `python script.py` is rank 0 of 1.
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; a plain `python script.py` is rank 0 of 1. On several nodes RANK
+    counts over all of them and LOCAL_RANK within this node: the GPU is LOCAL_RANK's, printing and rank 0's files
+    go by RANK (rank 0 writes the run; --resume reads its checkpoint on every node: a filesystem they all see).
 
     NCCL on CUDA, gloo on CPU; a collective that waits longer than the timeout ends the job."""
     world = int(os.environ.get("WORLD_SIZE", 1))

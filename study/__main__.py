@@ -8,12 +8,13 @@
     python -m study spread REF [NAME DIR SEED ...]  # write that spread (study/expected.py)
     python -m study report [RUNS]              # RUNS/report.html (study/report.py), from the runs as they are
 
-The grid comes from launch.sh's environment (MODEL, DATA_DIR, NPROC, PARALLEL, RUNS, SEEDS, TRAIN_EXTRA,
-EVAL_EXTRA, PY; study/grid.py); `commands` and `plan` also take --retrain-base. `plan` prints `runs DIR`,
-`lanes N`, `env K=V ...` (what the commands run under) and `compare 1` where the table can be compared with the
-README's; with --retrain-base, `base TRAIN SAVE` and `base_log LOG` (else the demo's base model is first checked
-against its made.json); then `run NAME DIR TRAIN EVAL TRAIN_LOG EVAL_LOG` per run ("-": no command). `next` writes
-the run's run.json when it has work. A bad id or setting, or a damaged base model, is one line on stderr, exit 2.
+The grid comes from launch.sh's environment (MODEL, DATA_DIR, NPROC, NNODES, NODE_RANK, RDZV_ENDPOINT, RDZV_ID,
+PARALLEL, RUNS, SEEDS, TRAIN_EXTRA, EVAL_EXTRA, PY; study/grid.py); `commands` and `plan` also take --retrain-base.
+`plan` prints `runs DIR`, `lanes N`, `env K=V ...` (what the commands run under) and `compare 1` where the table can
+be compared with the README's; with --retrain-base, `base TRAIN SAVE` and `base_log LOG` (else the demo's base model
+is first checked against its made.json); then `run NAME DIR TRAIN EVAL TRAIN_LOG EVAL_LOG` per run ("-": no
+command). `next` writes the run's run.json when it has work. A bad id or setting, or a damaged base model, is one
+line on stderr, exit 2.
 Nothing here imports torch; `compare`, `spread` and `report` read the tables with numpy.
 """
 import os

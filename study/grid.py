@@ -115,7 +115,11 @@ class Plan:
     runs_dir: Path
     depth: int
     py: str  # the Python that runs the scripts
-    nproc: int  # processes per run: more than one run through torchrun
+    nproc: int  # processes per run (per node): more than one run through torchrun
+    nnodes: int  # machines per run: more than one, each runs launch.sh with its NODE_RANK; they meet by c10d
+    node_rank: int
+    rdzv_endpoint: str  # host:port of the rendezvous (on node 0), with NNODES > 1
+    rdzv_id: str
     lanes: int  # runs side by side
     train_extra: str  # TRAIN_EXTRA, EVAL_EXTRA: appended to every command
     eval_extra: str
@@ -134,9 +138,24 @@ class Plan:
         else:
             model, depth = env["MODEL"], model_depth(env["MODEL"])
             data_dir = env.get("DATA_DIR") or str(STUDY_DATA if STUDY_DATA.is_dir() else DEMO_DATA)
+        nnodes = count(env, "NNODES", 1)
+        node_rank, endpoint = env.get("NODE_RANK", ""), env.get("RDZV_ENDPOINT", "")
+        lanes = count(env, "PARALLEL", LANES["demo" if demo else "study"] if nnodes == 1 else 1)
+        if nnodes > 1:
+            if not (node_rank.isdigit() and int(node_rank) < nnodes):
+                raise ValueError(f"NNODES={nnodes}: NODE_RANK={node_rank or '(unset)'}: expected this machine's "
+                                 f"number, 0-{nnodes - 1}")
+            if ":" not in endpoint:
+                raise ValueError(f"NNODES={nnodes}: RDZV_ENDPOINT={endpoint or '(unset)'}: expected host:port of "
+                                 "node 0, e.g. RDZV_ENDPOINT=node0:29500")
+            if lanes > 1:  # the runs side by side would meet at one endpoint, and a node could join the wrong one
+                raise ValueError(f"NNODES={nnodes} with PARALLEL={lanes}: a multi-node launch runs one run at a time")
+            if retrain_base:
+                raise ValueError(f"--retrain-base with NNODES={nnodes}: the demo's base model trains on one machine")
         return cls(demo=demo, model=model, data_dir=data_dir, runs_dir=runs_dir, depth=depth,
-                   py=env.get("PY") or "python3", nproc=count(env, "NPROC", 1),
-                   lanes=count(env, "PARALLEL", LANES["demo" if demo else "study"]),
+                   py=env.get("PY") or "python3", nproc=count(env, "NPROC", 1), nnodes=nnodes,
+                   node_rank=int(node_rank) if nnodes > 1 else 0, rdzv_endpoint=endpoint,
+                   rdzv_id=env.get("RDZV_ID") or "chatglm", lanes=lanes,
                    train_extra=env.get("TRAIN_EXTRA", ""), eval_extra=env.get("EVAL_EXTRA", ""),
                    retrain_base=retrain_base)
 
@@ -149,19 +168,28 @@ class Plan:
         out = self.runs_dir / name
         data, extra = (f"{TRAIN_SET},{AUX_SET}", f" --max-samples {AUX_MAX_SAMPLES}") if row.aux else (TRAIN_SET, "")
         seeded = f" --seed {seed}" if seed != DEFAULT_SEED else ""
-        python = f"{self.py} -m torch.distributed.run --nproc_per_node {self.nproc}" if self.nproc > 1 else self.py
         train = ""
         if row.method != "none":
-            train = f"{python} train.py --model {self.model} --method {row.method}"
+            train = f"{self.launcher(name + '-train')} train.py --model {self.model} --method {row.method}"
             train += f" --target {row.target} --layers {layers}" if row.target != "-" else ""
             train += f" --dataset {data} --dataset-dir {self.data_dir}{extra}{seeded} --output-dir {out}"
             train = flags(train, DEMO_TRAIN if self.demo else STUDY_TRAIN, self.train_extra)
-        evaluate = f"{python} evaluate.py --model {self.model}"
+        evaluate = f"{self.launcher(name + '-eval')} evaluate.py --model {self.model}"
         evaluate += f" --run {out}" if row.method != "none" else ""
         evaluate += (f" --dataset {','.join(EVAL_SETS)} --dataset-dir {self.data_dir} --max-samples {EVAL_SAMPLES}"
                      f" --output-dir {out / EVAL}{seeded}")
         evaluate = flags(evaluate, DEMO_EVAL if self.demo else STUDY_EVAL, self.eval_extra)
         return Run(row, seed, layers, name, out, train, evaluate)
+
+    def launcher(self, job: str) -> str:
+        """What starts a script of `job`: Python, torchrun on this machine, or this node's torchrun agent of an
+        NNODES-node job. Each job has its own rendezvous id: a node that starts the next job while another still
+        ends the last one does not join the closed rendezvous."""
+        if self.nnodes > 1:
+            return (f"{self.py} -m torch.distributed.run --nnodes {self.nnodes} --nproc_per_node {self.nproc} "
+                    f"--node_rank {self.node_rank} --rdzv_backend c10d --rdzv_endpoint {self.rdzv_endpoint} "
+                    f"--rdzv_id {self.rdzv_id}-{job}")
+        return f"{self.py} -m torch.distributed.run --nproc_per_node {self.nproc}" if self.nproc > 1 else self.py
 
     def runs(self, ids: list[int], seeds: int) -> list[Run]:
         """The chosen rows (all when `ids` is empty), each once per seed: 42, 43, ... (a row's seeds one after

@@ -97,6 +97,14 @@ def torchrun_command(nproc: int, script: str, *args) -> list[str]:
             str(free_port()), script, *map(str, args)]
 
 
+def torchrun_node_command(nnodes: int, node_rank: int, endpoint: str, script: str, *args) -> list[str]:
+    """One node's torchrun agent of an `nnodes`-node job, one process on it, that meets the others at `endpoint`
+    (host:port) by c10d rendezvous; start one per node rank with the same endpoint."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node", "1",
+            "--node_rank", str(node_rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id",
+            f"nodes-{endpoint}", script, *map(str, args)]
+
+
 def train_log(out) -> list[dict]:
     """The lines of a run's trainer_log.jsonl; unlike runtime.files.read_jsonl, a broken line fails the test."""
     return [json.loads(line) for line in (Path(out) / LOG).read_text().splitlines()]

@@ -67,7 +67,8 @@ def parse_grid(text):
     return rows
 
 
-KNOBS = ("MODEL", "DATA_DIR", "NPROC", "PARALLEL", "RUNS", "TRAIN_EXTRA", "EVAL_EXTRA", "PY", "SEEDS")
+KNOBS = ("MODEL", "DATA_DIR", "NPROC", "NNODES", "NODE_RANK", "RDZV_ENDPOINT", "RDZV_ID", "PARALLEL", "RUNS",
+         "TRAIN_EXTRA", "EVAL_EXTRA", "PY", "SEEDS")
 
 
 def launcher_env(**extra) -> dict:
@@ -185,6 +186,24 @@ def test_multi_gpu_runs_through_torchrun(model_6b):
     runs = dry_run({"MODEL": str(model_6b), "NPROC": "8"}, 17)
     for cmd in runs[17]["cmds"]:
         assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "8"]
+
+
+def test_multi_node_runs_through_a_c10d_rendezvous_per_command(model_6b):
+    env = {"MODEL": str(model_6b), "NPROC": "8", "NNODES": "2", "NODE_RANK": "1", "RDZV_ENDPOINT": "node0:29500"}
+    runs = dry_run(env, 0, 17)
+    launch = [f"{sys.executable}", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "8",
+              "--node_rank", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", "node0:29500", "--rdzv_id"]
+    (evaluate_0,), (train, evaluate) = runs[0]["cmds"], runs[17]["cmds"]
+    assert train[:14] == evaluate[:14] == evaluate_0[:14] == launch
+    assert [c[14:16] for c in (evaluate_0, train, evaluate)] == [
+        ["chatglm-0-base-eval", "evaluate.py"], ["chatglm-17-lora-qkv-25-27-train", "train.py"],
+        ["chatglm-17-lora-qkv-25-27-eval", "evaluate.py"]]
+    assert arg(dry_run({**env, "RDZV_ID": "job7"}, 17)[17]["cmds"][0], "--rdzv_id") == "job7-17-lora-qkv-25-27-train"
+    for bad, says in (({"NODE_RANK": "2"}, "NODE_RANK=2"), ({"RDZV_ENDPOINT": ""}, "RDZV_ENDPOINT=(unset)"),
+                      ({"PARALLEL": "2"}, "PARALLEL=2")):
+        done = subprocess.run(["bash", "launch.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                              env=launcher_env(**{**env, **bad}))
+        assert done.returncode == 2 and says in done.stderr, done.stderr
 
 
 # ---------------------------------------------------------------- no torch, bad input

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import train
 from adapters import AdapterSpec, apply_adapter, load_adapter
-from conftest import REPO, TRAIN_SMALL, build_train_samples, script_env, torchrun_command, train_log
+from conftest import (REPO, TRAIN_SMALL, build_train_samples, free_port, script_env, torchrun_command,
+                      torchrun_node_command, train_log)
 from data import DEMO_DIR, collate_train
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
@@ -104,6 +105,40 @@ def test_two_ranks_equal_one_process(tmp_path, dist):
         torchrun(2, *common, "--batch-size", 2, "--dist", dist, "--output-dir", tmp_path / "two", "--resume")
         resumed = adapter(tmp_path / "two")
         assert all(torch.equal(two[k], resumed[k]) for k in two)
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(tmp_path):
+    """Two torchrun agents on this machine acting as two nodes (c10d rendezvous, one process each, gloo): global
+    ranks 0 and 1, each LOCAL_RANK 0, as on two machines. Batch 2 per node == 1 process x batch 4: the same losses
+    and adapter; only global rank 0 prints."""
+    common = ["--method", "lora", "--target", "qkv", "--layers", "3", "--lora-dropout", 0, "--lr", 3e-3,
+              "--max-steps", 4, "--save-steps", 0, "--max-samples", 16]
+    run_train(*common, "--batch-size", 4, "--output-dir", tmp_path / "one")
+    endpoint = f"localhost:{free_port()}"
+    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
+    agents = []
+    try:
+        for r, log in enumerate(logs):
+            command = torchrun_node_command(2, r, endpoint, "train.py", *SMALL, *common, "--batch-size", 2,
+                                            "--output-dir", tmp_path / "two")
+            with log.open("w") as f:
+                agents.append(subprocess.Popen(command, cwd=REPO, env=script_env(), stdout=f, stderr=subprocess.STDOUT))
+        codes = [a.wait(timeout=240) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "trainable params" in outputs[0] and "trainable params" not in outputs[1]
+    one, two = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) == 6
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert max(t.abs().max().item() for k, t in one.items() if "lora_B" in k) > 1e-3  # it did train
+    losses_one, losses_two = ([r["loss"] for r in train_log(tmp_path / d)] for d in ("one", "two"))
+    assert len(losses_one) == 4 and losses_one == pytest.approx(losses_two, abs=1e-5)
+    assert json.loads((tmp_path / "two" / "train_results.json").read_text())["world_size"] == 2
 
 
 # ---------------------------------------------------------------- one output matrix (tie_word_embeddings)
@@ -344,3 +379,39 @@ def test_frozen_lower_layers_record_no_graph():
                 todo.extend(f for f, _ in fn.next_functions)
         embedding_backward = [fn for fn in grad_fns if "Embedding" in type(fn).__name__]
         assert embedding_backward == []  # the word embeddings are never reached
+
+
+def test_dry_run_memory_per_process_from_the_tensors(monkeypatch, capsys):
+    """The estimate against the tiny model's own tensors: LoRA on the last layer, FSDP2 over 4 processes, bf16."""
+    lora = ["--method", "lora", "--target", "qkv", "--layers", "5-5", "--lora-rank", "8"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    train.main(["--model", "tiny", *lora, "--dist", "fsdp", "--precision", "bf16", "--batch-size", "2",
+                "--max-source-length", "30", "--max-target-length", "10", "--dry-run"])
+    printed = capsys.readouterr().out
+    model = load_model("tiny")
+    apply_adapter(model, AdapterSpec(method="lora", target="qkv", layers=[5], lora_rank=8))
+    trained = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert sorted(trained) == ["transformer.layers.5.attention.query_key_value.lora_A.weight",
+                               "transformer.layers.5.attention.query_key_value.lora_B.weight"]
+    n = sum(trained.values())
+    assert n == 8 * 128 + 384 * 8
+    spec = train.parse_args(["--model", "tiny", *lora, "--dist", "fsdp", "--precision", "bf16"])
+    memory = train.memory_per_process(meta_model(spec), spec.run, 5, 2, 30, 10, 4)
+    block = sum(p.numel() for p in model.transformer.layers[5].parameters())  # the largest: it holds the LoRA
+    root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.transformer.layers.parameters())
+    assert memory["parameters"] == (4 * n + 2 * frozen) // 4 + 2 * (root + 2 * block)
+    assert memory["gradients"] == 4 * n // 4 and memory["optimizer"] == 8 * n // 4
+    # one block backward runs through (layer 5), 80 tokens: 8 x 128 + 2 x 512 values each, bf16; the loss: 20 label
+    # tokens x 128 in bf16 and a chunk of 2**24 logits in float32 and bf16
+    assert memory["activations"] == 80 * (8 * 128 + 2 * 512) * 2 + 20 * 128 * 2 + 2**24 * 6
+    assert "memory per process, 4 x --dist fsdp (sharded), batch 2 x 40 tokens, bf16" in printed
+    assert f"optimizer {8 * n / 4 / 2**30:.2f} GiB" in printed
+
+
+def meta_model(s: train.Settings) -> ChatGLMModel:
+    """A run's model as build_model leaves it, on the meta device."""
+    with torch.device("meta"):
+        model = ChatGLMModel(ChatGLMConfig.from_name("tiny"))
+    apply_adapter(model, s.adapter)
+    return train.float32_trainable(model.to(torch.bfloat16))
