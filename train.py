@@ -42,8 +42,9 @@ from data import (DataSettings, add_data_args, collate_train, encode_records, fo
                   load_records, rank_share)
 from model.chatglm import ATTENTION_KERNELS, ChatGLMModel
 from model.loader import load_config, load_model
-from model.loss import CHUNK_ELEMENTS, n_targets, token_loss_sum
-from model.quant import MODES as QUANT_MODES, base_weight_bytes, quantize_model, tensor_bytes
+from model.loss import n_targets, token_loss_sum
+from model.memory import memory_per_step
+from model.quant import MODES as QUANT_MODES, base_weight_bytes, quantize_model
 from model.tokenizer import load_tokenizer
 from runtime.files import digest, explain, write_json
 from runtime.flags import COUNT, COUNT_OR_ZERO, NON_NEGATIVE, POSITIVE, from_flags
@@ -667,53 +668,14 @@ def dry_run(name: str, spec: AdapterSpec, run: Execution, batch_size: int, data:
     model.to(DTYPES[run.precision])  # as build_model leaves it: the base in --precision, the trained tensors float32
     float32_trainable(model)
     quantize_model(model, run.quantize, "meta")
-    memory = memory_per_process(model, run, lowest_trainable_layer(model), batch_size, data.max_source_length,
-                                data.max_target_length, world)
-    sharded = world > 1 and run.dist == "fsdp"
-    say(f"memory per process, {world} x --dist {run.dist}{' (sharded)' if sharded else ''}, batch {batch_size} x "
+    shards = world if world > 1 and run.dist == "fsdp" else 1
+    memory = memory_per_step(model, DTYPES[run.precision], shards, run.grad_checkpointing,
+                             lowest_trainable_layer(model), batch_size, data.max_source_length, data.max_target_length)
+    say(f"memory per process, {world} x --dist {run.dist}{' (sharded)' if shards > 1 else ''}, batch {batch_size} x "
         f"{data.max_source_length + data.max_target_length} tokens, {run.precision}"
         f"{', --grad-checkpointing' if run.grad_checkpointing else ''} (an estimate; activations the roughest):")
     say("  " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items())
         + f"; total {sum(memory.values()) / 2**30:.2f} GiB")
-
-
-def memory_per_process(model: ChatGLMModel, run: Execution, lowest: int, batch_size: int, source_len: int,
-                       target_len: int, world: int) -> dict[str, int]:
-    """Bytes one process holds at the peak of a training step, for a meta-device model as build_model leaves it
-    (trainable tensors float32, frozen ones in --precision or quantized); backward runs through blocks lowest up.
-
-    parameters: every tensor in its dtype; FSDP2 shards them over the world (DDP and one process: whole on each).
-        FSDP2 also all-gathers for compute, in --precision: the root unit (embeddings, final norm, output layer)
-        stays gathered through the step, a block only while it runs, the next one prefetched: root + 2 blocks.
-    gradients: float32 like the trainable tensors, sharded like them (FSDP2 reduce-scatters in float32).
-    optimizer: AdamW's two float32 moments per trainable value, sharded like them.
-    activations, what autograd keeps for backward, per token of a batch of source + target tokens, in --precision:
-        each block backward runs through keeps the inputs of its two norms (2 h), of QKV (h), q, k, v (3 h), the
-        attention's output (h: SDPA's fused kernels keep no T x T scores), the input of h->4h (h), GELU's input
-        and output (2 ffn): 8 h + 2 ffn values. --grad-checkpointing keeps only each block's input (h), plus one
-        block's full set while it is recomputed. The fused loss (model/loss.py) keeps the (label tokens, h)
-        gradient of the hidden states, one chunk of logits (float32 and --precision), and for a trained output
-        layer its (V, h) float32 gradient, whole even under FSDP2 (it is the gathered weight's). Not counted:
-        the CUDA context, allocator fragmentation, DDP's gradient buckets, the gathered gradients of one unit.
-    """
-    shards = world if world > 1 and run.dist == "fsdp" else 1
-    compute = DTYPES[run.precision].itemsize
-    c = model.config
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    gathered = 0
-    if shards > 1:
-        blocks = model.transformer.layers
-        root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in blocks.parameters())
-        gathered = (root + 2 * max(sum(p.numel() for p in b.parameters()) for b in blocks)) * compute
-    tokens, labelled = batch_size * (source_len + target_len), batch_size * target_len
-    layers = c.num_layers - lowest
-    per_block = 8 * c.hidden_size + 2 * c.inner_hidden_size
-    kept = (layers * c.hidden_size + per_block) if run.grad_checkpointing else layers * per_block
-    loss = labelled * c.hidden_size * compute + CHUNK_ELEMENTS * (4 + compute)
-    loss += model.lm_head.weight.numel() * 4 if model.lm_head.weight.requires_grad else 0
-    return {"parameters": tensor_bytes(model) // shards + gathered, "gradients": n_trainable * 4 // shards,
-            "optimizer": 2 * n_trainable * 4 // shards, "activations": tokens * kept * compute + loss}
 
 
 def log_step(out: Path, progress: training.Progress, lr: float, norm: float, steps_per_epoch: int, board):

@@ -7,6 +7,7 @@
     tokenizer.py   ice_text.model with the reference's newline / tab / space preprocessing
     generate.py    left padding, prefill, a compilable decode step, greedy or top-p sampling
     quant.py       int8 / int4 frozen Linear weights
+    memory.py      the memory one process holds at the peak of a training step (train.py --dry-run's estimate)
 
 This file imports nothing, so that config.py reads without torch (launch.sh --dry-run).
 """

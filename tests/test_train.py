@@ -20,6 +20,7 @@ from data import DEMO_DIR, collate_train
 from model.chatglm import ChatGLMModel
 from model.config import ChatGLMConfig
 from model.loader import load_model, save_model
+from model.memory import memory_per_step
 from model.tokenizer import DEMO_TOKENIZER, load_tokenizer
 from runtime import checkpoint
 from study.rundir import CHECKPOINTS
@@ -397,7 +398,7 @@ def test_dry_run_memory_per_process_from_the_tensors(monkeypatch, capsys):
     n = sum(trained.values())
     assert n == 8 * 128 + 384 * 8
     spec = train.parse_args(["--model", "tiny", *lora, "--dist", "fsdp", "--precision", "bf16"])
-    memory = train.memory_per_process(meta_model(spec), spec.run, 5, 2, 30, 10, 4)
+    memory = memory_per_step(meta_model(spec), torch.bfloat16, 4, False, 5, 2, 30, 10)
     block = sum(p.numel() for p in model.transformer.layers[5].parameters())  # the largest: it holds the LoRA
     root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.transformer.layers.parameters())
     assert memory["parameters"] == (4 * n + 2 * frozen) // 4 + 2 * (root + 2 * block)
