@@ -2,7 +2,7 @@
 one GPU, and from its figures an estimate of the whole grid on 8 x A100 and on one H100.
 
     python bench/study_check.py --out study_check          # one GPU; sized for 8 minutes, not yet run on one
-    python bench/study_check.py --small --peak-tflops 0.05  # the same path on a tiny model, on a CPU (the test)
+    python bench/study_check.py --small --peak-tflops 1  # the same path on a tiny model on a CPU (its test)
 
 Writes study_check/study_check.json and study_check/study_check.md. The stages:
 - a random ChatGLM-6B in the released layout (model/loader.py save_model: sharded safetensors, index,
@@ -22,7 +22,9 @@ Writes study_check/study_check.json and study_check/study_check.md. The stages:
   held out, times the epochs, times the measured tokens per sample) times its FLOPs per token, at the measured
   MFU of the target's peak bf16 FLOP/s (assumed to carry over from the GPU measured here); evaluations at the
   measured seconds per sample scaled by the ratio of peaks; plus one model load per training and per evaluation.
-  Random weights never end an answer early, so evaluation runs to --max-length: an upper bound.
+  The GPUs share the runs evenly (8 x A100: eight single-GPU runs side by side, as the study ran). Left out: the
+  validation loss (the short runs here hold none out; the study's 200 every 500 steps). Random weights never end
+  an answer early, so evaluation runs to --max-length: an upper bound.
 """
 import argparse
 import json
@@ -70,7 +72,7 @@ SIZES = {  # preset, dtype written, launch.sh's environment
 }
 
 
-def write_model(preset: str, dtype: torch.dtype, out: Path, device) -> ChatGLMConfig:
+def write_model(preset: str, dtype: torch.dtype, out: Path, device):
     """Random weights of `preset` in the released layout, with the demo tokenizer and its special-token ids."""
     tiny = ChatGLMConfig.from_name("tiny")
     config = replace(ChatGLMConfig.from_name(preset), **{k: getattr(tiny, k) for k in (
@@ -79,7 +81,6 @@ def write_model(preset: str, dtype: torch.dtype, out: Path, device) -> ChatGLMCo
         model = ChatGLMModel(config)
     model = model.to(dtype).to_empty(device=device).init_weights(0)
     save_model(model.state_dict(), config, out, tokenizer_file=DEMO_TOKENIZER)
-    return config
 
 
 def study_settings(plan: Plan, row) -> train.Settings:
@@ -91,6 +92,8 @@ def study_settings(plan: Plan, row) -> train.Settings:
 def load_and_save(s: train.Settings, out: Path, device) -> dict:
     """train.py's model load, one optimizer step on a random batch, its checkpoint save: seconds of each."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # not the written model's
     t0 = time.perf_counter()
     model, base = train.build_model(s.model, s.adapter, s.run, s.optim.seed, None, device)
     sync()
@@ -119,7 +122,7 @@ def flops_per_token(s: train.Settings, tokens_per_sample: int) -> float:
 
 
 def launch(env: dict, *ids: int) -> subprocess.Popen:
-    return subprocess.Popen(["bash", "launch.sh", *map(str, ids)], cwd=ROOT, env=env, start_new_session=True,
+    return subprocess.Popen(["bash", "launch.sh", *map(str, ids)], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -139,9 +142,11 @@ def stop_after_checkpoint(p: subprocess.Popen, run: Path, timeout: float) -> int
         os.killpg(p.pid, signal.SIGINT)
     out, _ = p.communicate(timeout=120)
     print(out[-3000:], flush=True)
-    if p.returncode != 130 or (run / TRAIN_RESULTS).is_file():
-        raise RuntimeError(f"{run}: not stopped mid-run (launch.sh exited {p.returncode}); raise --max-steps")
-    return int(checkpoint.latest(run / CHECKPOINTS).name.split("-")[1])
+    latest = checkpoint.latest(run / CHECKPOINTS)
+    if p.returncode != 130 or latest is None or (run / TRAIN_RESULTS).is_file():
+        raise RuntimeError(f"{run}: not stopped between its first checkpoint and its end (launch.sh exited "
+                           f"{p.returncode}); see its train.log")
+    return int(latest.name.split("-")[1])
 
 
 def measured(runs: Path, plan: Plan, settings: dict, peak: float | None) -> tuple[dict, dict]:
@@ -187,8 +192,8 @@ def estimate(study: Plan, trained: dict, evaluated: dict, load_s: float, peak: f
         if row.method == "none":
             continue
         s = study_settings(study, row)
-        n = sum(min(count_records(s.data.dataset_dir, d), s.data.max_samples or 1 << 62) for d in s.data.names)
-        samples = n - s.val.val_size
+        counts = [count_records(s.data.dataset_dir, d) for d in s.data.names]  # --max-samples: per dataset
+        samples = sum(min(n, s.data.max_samples) if s.data.max_samples else n for n in counts) - s.val.val_size
         tokens = samples * s.optim.epochs * per_sample
         rows.append({"id": row.id, "samples": samples, "epochs": s.optim.epochs, "tokens": tokens,
                      "flops": tokens * flops_per_token(s, per_sample)})
@@ -252,13 +257,15 @@ def main(argv=None):
                         "one there is no MFU and no estimate")
     p.add_argument("--work", default=None, help="directory for the model and the runs (default: a temporary one)")
     args = p.parse_args(argv)
+    out, work_parent = Path(args.out).resolve(), args.work and Path(args.work).resolve()
+    os.chdir(ROOT)  # where launch.sh runs: its relative paths (data/demo, ../shared/data) mean the same here
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     peak = tflops * 1e12 if tflops else None
     preset, dtype, extra = SIZES["small" if args.small else "6b"]
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+    with tempfile.TemporaryDirectory(dir=work_parent) as tmp:
         work = Path(tmp)
         model_dir = work / "model"
         write_model(preset, dtype, model_dir, device)
@@ -276,7 +283,9 @@ def main(argv=None):
         step = stop_after_checkpoint(launch({**env, "RUNS": str(runs)}, *ROWS), stopped.dir, timeout=400)
         finish(launch({**env, "RUNS": str(runs)}, *ROWS), "the resumed launch")
         reference = Plan.from_env({**env, "RUNS": str(again)}).run(GRID[STOPPED], 42)
-        subprocess.run(shlex.split(reference.train), cwd=ROOT, env=env, check=True, capture_output=True)
+        done = subprocess.run(shlex.split(reference.train), env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the uninterrupted training failed: {(done.stderr or done.stdout)[-2000:]}")
         adapter = "adapter_model.safetensors"
         equal = (stopped.dir / adapter).read_bytes() == (reference.dir / adapter).read_bytes()
 
@@ -290,7 +299,6 @@ def main(argv=None):
                   "resume": {"run": stopped.name, "stopped_at_step": step, "equal": equal},
                   "estimate": estimate(study, trained, evaluated, saved["load_s"], peak) if peak else None}
     result["wall_s"] = time.perf_counter() - t0
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "study_check.json", result)
     (out / "study_check.md").write_text(markdown(result))
