@@ -17,13 +17,13 @@ float32 weights.
                                 (inference, export); None for a method that cannot be merged
 """
 import argparse
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 
 from model.quant import QuantLinear
+from runtime.files import real_number
 
 from . import freeze, full, lora, ptuning
 from .layers import check_layers
@@ -94,18 +94,15 @@ class AdapterSpec:
         def whole(v, lo, hi):
             return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
-        def number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
         checks = {"target": (self.target in TARGETS, f"one of {', '.join(TARGETS)}"),
                   "layers": (isinstance(self.layers, list) and self.layers != [] and all(
                       whole(i, 0, top) for i in self.layers) or self.layers is None and self.method == "lora" and (
                       isinstance(self.lora_target, list) and self.lora_target != []),
                              f"a list of layer numbers 0-{top}"),
                   "lora_rank": (whole(self.lora_rank, 1, width), f"a whole number 1-{width}"),
-                  "lora_alpha": (number(self.lora_alpha) and 0 < self.lora_alpha <= 2 ** 16,
+                  "lora_alpha": (real_number(self.lora_alpha) and 0 < self.lora_alpha <= 2 ** 16,
                                  "a positive number up to 65536"),
-                  "lora_dropout": (number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "a number in [0, 1)"),
+                  "lora_dropout": (real_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "a number in [0, 1)"),
                   "lora_target": (self.lora_target is None or isinstance(self.lora_target, list) and all(
                       isinstance(t, str) and t for t in self.lora_target), "a list of module names"),
                   "pre_seq_len": (whole(self.pre_seq_len, 1, config.max_sequence_length),

@@ -11,7 +11,6 @@ beside a LoRA adapter's safetensors file, the same tensors under the same keys, 
 `load_adapter` also reads LoRA adapters written by PEFT (no adapter.json; `.safetensors` or `.bin`)
 and P-Tuning v2 weights saved by the reference code (prefix length and projection read off the shapes).
 """
-import math
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from model.loader import read_shard, save_safetensors
-from runtime.files import InputError, digest, load_json, write_json, writing
+from runtime.files import InputError, digest, load_json, real_number, write_json, writing
 
 from .dispatch import METHODS, AdapterSpec, apply_adapter, trainable_state_dict
 from .lora import PEFT_PREFIX
@@ -219,13 +218,14 @@ def read_adapter(adapter_dir, config) -> tuple[AdapterSpec, Path]:
     elif (d / "adapter_config.json").is_file():
         (spec, file), where = read_peft(d), d / "adapter_config.json"
     else:
-        file = next((f for f in candidate_files(d) if any(k.startswith(PREFIX_KEY) for k in weight_keys(f))), None)
+        keys = {f: weight_keys(f) for f in candidate_files(d)}
+        file = next((f for f, names in keys.items() if any(k.startswith(PREFIX_KEY) for k in names)), None)
         if file is None:
             raise FileNotFoundError(f"{d}: not an adapter directory. Expected adapter.json (written by train.py), "
                                     "adapter_config.json + adapter_model.safetensors/.bin (a PEFT LoRA adapter), or "
                                     "a P-Tuning v2 prefix saved by the reference code (pytorch_model.bin or "
                                     f"*.safetensors with {PREFIX_KEY}embedding.weight)")
-        spec, where = read_reference_ptuning(file, weight_keys(file)), file
+        spec, where = read_reference_ptuning(file, keys[file]), file
     problems = spec.problems(config)
     if problems:
         raise InputError(f"{where}: settings {'; '.join(problems)}; the file was edited or is not for this model: "
@@ -260,10 +260,8 @@ def sketch_ok(weights) -> bool:
     names, sketch = (weights.get("tensors"), weights.get("sketch")) if isinstance(weights, dict) else (None, None)
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         return False
-    def number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
     return sketch is None or isinstance(sketch, list) and len(sketch) == len(names) and all(
-        isinstance(row, list) and len(row) == len(SKETCH_SIGNS) and all(map(number, row)) for row in sketch)
+        isinstance(row, list) and len(row) == len(SKETCH_SIGNS) and all(map(real_number, row)) for row in sketch)
 
 
 def candidate_files(d: Path) -> list[Path]:

@@ -11,7 +11,7 @@ import random
 import re
 from pathlib import Path
 
-from runtime.files import InputError, file_digest, load_json, parse_json, read_utf8
+from runtime.files import InputError, file_digest, load_json, load_jsonl, parse_json, read_utf8
 
 # Pieces of the ChatGLM vocabulary that must never come from data text: the tokenizer would turn them into
 # control tokens and silently change the sample's structure (a stray [gMASK] or <sop> moves the prompt boundary).
@@ -82,13 +82,10 @@ def dataset_file(name: str, dataset_dir, info: dict) -> Path:
 def read_raw(path: Path) -> list:
     """`.jsonl`: one JSON value per line (blank lines ignored; lines end at "\n" only: U+2028 inside a string is
     text); otherwise one JSON list."""
-    fix = "fix the JSON there"
     try:
-        text = read_utf8(path, "save the file as UTF-8")
         if path.suffix == ".jsonl":
-            return [parse_json(line, str(path), fix, i) for i, line in enumerate(text.split("\n"), 1)
-                    if line.strip()]
-        rows = parse_json(text, str(path), fix)
+            return load_jsonl(path, "save the file as UTF-8 JSON lines, one record a line")
+        rows = parse_json(read_utf8(path, "save the file as UTF-8"), str(path), "fix the JSON there")
     except InputError as e:
         raise DataError(str(e)) from None
     if not isinstance(rows, list):

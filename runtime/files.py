@@ -9,6 +9,7 @@ the scripts print.
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -68,6 +69,19 @@ def load_json(path, fix: str):
     """A JSON file a user may have edited or another tool written -> its value, or an InputError naming the file,
     what is wrong with it and `fix`."""
     return parse_json(read_utf8(path, fix), str(path), fix)
+
+
+def load_jsonl(path, fix: str) -> list:
+    """A JSON-lines file a user may have edited -> its values, one a line (blank lines skipped; lines end at "\n"
+    only: U+2028 inside a string is text), or an InputError naming the file and the line, and `fix`. (read_jsonl is
+    the lenient reader of files this code appends to, where a kill may have cut the last line short.)"""
+    return [parse_json(line, str(path), fix, i) for i, line in enumerate(read_utf8(path, fix).split("\n"), 1)
+            if line.strip()]
+
+
+def real_number(value) -> bool:
+    """A finite int or float read from JSON (true and false are not numbers)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_json(path) -> dict | None:

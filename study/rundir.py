@@ -15,10 +15,9 @@ scores and answers, checked. Imports no torch: `python -m study next` reads it o
         generated_predictions.jsonl, scores.jsonl, metrics.json
         generated_predictions.partial-<key>.rank<r>.jsonl     an interrupted evaluation's finished batches
 """
-import json
 from pathlib import Path
 
-from runtime.files import InputError, parse_json, read_json, read_utf8
+from runtime.files import InputError, load_jsonl, read_json
 
 RUN_JSON = "run.json"
 RUN_CONFIG = "run_config.json"
@@ -69,15 +68,14 @@ def set_scores(run_dir: Path, dataset: str) -> list[dict] | None:
 
 def read_scores(path: Path) -> list[dict]:
     """scores.jsonl: an integer "index" and numbers per line; RunFileError where a line is not such a row."""
-    rows = []
-    for i, line in enumerate(path.read_bytes().splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the parser's limit
-            row = None
+    fix = "evaluate.py writes this file: evaluate again"
+    try:
+        rows = load_jsonl(path, fix)
+    except InputError as e:
+        raise RunFileError(str(e)) from None
+    for i, row in enumerate(rows):
         if not (isinstance(row, dict) and isinstance(row.get("index"), int) and all(map(is_number, row.values()))):
-            raise RunFileError(f"{path}: line {i} is not a sample's index and scores (cut short or edited)")
-        rows.append(row)
+            raise RunFileError(f"{path}: row {i} is not a sample's index and scores (cut short or edited); {fix}")
     return rows
 
 
@@ -93,8 +91,7 @@ def read_predictions(path: Path) -> list[dict]:
     unfinished evaluation's partial files are read leniently instead: a line a kill cut short is generated again.)"""
     fix = "evaluate.py writes this file: evaluate again"
     try:
-        records = [parse_json(line, str(path), fix, i) for i, line in enumerate(read_utf8(path, fix).split("\n"), 1)
-                   if line.strip()]
+        records = load_jsonl(path, fix)
     except InputError as e:
         raise RunFileError(str(e)) from None
     for i, r in enumerate(records):
