@@ -5,6 +5,7 @@
     python bench/generate.py --model proxy-28 --batch-size 1 8 32 --compile   # eager vs compiled decoding
     python bench/generate.py --model chatglm-6b --batch-size 8 --attention flex --profile   # which kernels ran
     python bench/generate.py --model proxy-28 --batch-size 1 8 --quantize int4   # quantized frozen weights
+    python bench/generate.py --model chatglm-6b --layers 4 --batch-size 1 --quantize int8 --compile  # 6B's layers
     python bench/generate.py --compare    # CPU: 64 prompts batched with a KV cache vs one at a time without one
 
 Weights are random (a preset) unless --model names a model directory; the speed does not depend on them.
@@ -14,16 +15,18 @@ so each measurement covers exactly batch x new-tokens generated tokens.
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.chatglm import ATTENTION_KERNELS  # noqa: E402
+from model.chatglm import ATTENTION_KERNELS, ChatGLMModel  # noqa: E402
 from model.generate import compiled_decode_step, decode_step, generate_ids, prefill  # noqa: E402
-from model.loader import load_model  # noqa: E402
+from model.loader import load_config, load_model  # noqa: E402
 from model.quant import MODES as QUANT_MODES, quantize_model, tensor_bytes  # noqa: E402
 from runtime.files import write_json  # noqa: E402
+from runtime.flags import COUNT  # noqa: E402
 from runtime.precision import DTYPES, add_precision_arg, precision  # noqa: E402
 from runtime.process import peak_memory_bytes  # noqa: E402
 
@@ -100,10 +103,20 @@ def weight_bytes_per_step(model) -> int:
     return total - (0 if emb is out else emb.numel() * emb.element_size())
 
 
+def bench_model(name: str, layers: int | None, dtype: torch.dtype, device) -> ChatGLMModel:
+    """load_model(name), or with `layers` a preset's shape at that depth (random weights): ChatGLM-6B's layers on
+    a machine that cannot hold 28 of them."""
+    if layers is None:
+        return load_model(name, dtype=dtype, device=device)
+    with torch.device("meta"):
+        model = ChatGLMModel(replace(load_config(name), num_layers=layers))
+    return model.to(dtype).to_empty(device=device).init_weights(0).eval()
+
+
 def speed(args):
     device = torch.device(args.device)
     # quantizing: loaded on the CPU, quantized layer by layer onto the device (as train.py and evaluate.py do)
-    model = load_model(args.model, dtype=DTYPES[args.precision], device=device if args.quantize == "none" else "cpu")
+    model = bench_model(args.model, args.layers, DTYPES[args.precision], device if args.quantize == "none" else "cpu")
     quantize_model(model.requires_grad_(False), args.quantize, device)
     model = model.to(device).eval()
     model.transformer.attention = args.attention
@@ -112,9 +125,11 @@ def speed(args):
         steps["compiled"] = compiled_decode_step(device.type)
     T, N = args.prompt_len, args.new_tokens
     where = f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
-    print(f"model {args.model} ({args.precision}, quantize {args.quantize}, {where}, {args.attention}) prompt {T}, "
+    shown = args.model if args.layers is None else f"{args.model} with {args.layers} layers"
+    print(f"model {shown} ({args.precision}, quantize {args.quantize}, {where}, {args.attention}) prompt {T}, "
           f"new tokens {N}; parameters + buffers {tensor_bytes(model) / 2**20:,.1f} MiB")
-    record = {"model": args.model, "precision": args.precision, "quantize": args.quantize, "attention": args.attention,
+    record = {"model": args.model, "layers": model.config.num_layers, "precision": args.precision,
+              "quantize": args.quantize, "attention": args.attention,
               "prompt_len": T, "new_tokens": N, "tensor_bytes": tensor_bytes(model),
               "weight_bytes_per_step": weight_bytes_per_step(model), "runs": []}
     for B in args.batch_size:
@@ -166,6 +181,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny",
                    help="preset (tiny, proxy-28, chatglm-6b: random weights) or checkpoint dir")
+    p.add_argument("--layers", type=COUNT, default=None, help="a preset at this depth (default: the preset's own)")
     p.add_argument("--batch-size", type=int, nargs="+", default=[32], help="one or more batch sizes")
     p.add_argument("--prompt-len", type=int, help="prompt tokens incl. [gMASK] <sop> (default 128; --compare 64)")
     p.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default 64; --compare 64)")

@@ -10,6 +10,8 @@ costs one row, and what no longer fits the budget is reported as skipped:
 - prefill and decode tokens/s at batch 1, 8 and 32, prompt 128, 64 new tokens (`bench/generate.py`), eager and
   compiled, with decode at batch 1 against the memory-bandwidth bound (weights read once per step, at the copy
   bandwidth measured here);
+- quantized frozen weights (model/quant.py): compiled decode at batch 1 with int8 and int4 blocks against bf16's,
+  and LoRA on QKV of the last 3 layers trained over an int4 base at batch 8 x 512 (peak memory);
 - which attention kernels ran: the CUDA kernel names of one forward of a 2-layer model of the 6B's width, per
   `--attention` choice (the profiler's names: flash, memory-efficient/cutlass, flex/triton, or plain matmuls).
 Paste the markdown into BENCHMARKS.md with the date and the device.
@@ -37,6 +39,7 @@ TRAIN_CASES = {  # name -> bench/train.py method flags
     "P-Tuning v2 (16)": ["--method", "ptuning", "--pre-seq-len", "16"],
 }
 BATCHES = ("1", "8", "32")
+QUANT_MODES = ("int8", "int4")
 
 
 def run_bench(script: str, argv: list[str], timeout: float) -> dict:
@@ -120,6 +123,24 @@ def markdown(result: dict) -> str:
                      f"{r['peak_gib']:.2f} GiB |")
     if "error" in gen:
         lines.append(f"| generation stopped: {gen['error']} | | | | | | |")
+    bf16 = next((r["decode_tokens_per_s"] for r in gen.get("runs", []) if r["batch"] == 1 and r["mode"] == "compiled"),
+                None)
+    lines += ["", "| quantized blocks, compiled decode, batch 1 | decode tokens/s | x bf16 compiled | ms per step | "
+                  "% of its bandwidth bound | peak memory |", "| --- | --- | --- | --- | --- | --- |"]
+    for mode, q in result["quantized"].items():
+        r = next((r for r in q.get("runs", []) if r["mode"] == "compiled"), None)
+        if r is None:
+            lines.append(f"| {mode} | failed: {q.get('error', 'no compiled run')} | | | | |")
+            continue
+        same = {True: " (tokens = eager)", False: " (TOKENS DIFFER)"}.get(r.get("tokens_identical_to_eager"), "")
+        ratio = f"{r['decode_tokens_per_s'] / bf16:.2f}x" if bf16 else "no bf16 row"
+        bound_s = q["weight_bytes_per_step"] / (result["bandwidth_tb_s"] * 1e12)  # its int8 / int4 bytes
+        lines.append(f"| {mode}{same} | {r['decode_tokens_per_s']:,.0f} | {ratio} | {r['decode_step_ms']:.2f} | "
+                     f"{bound_s / (r['decode_step_ms'] / 1e3):.0%} | {r['peak_gib']:.2f} GiB |")
+    r = result["int4_training"]
+    lines += ["", "LoRA QKV last 3 over an int4 base, batch 8 x 512: " +
+              (f"failed: {r['error']}" if "error" in r else f"{r['step_ms']:.1f} ms per step, "
+               f"{r['tokens_per_s']:,.0f} tokens/s, peak memory {r['peak_gib']:.2f} GiB")]
     lines += ["", "| attention | CUDA kernels of the attention (2-layer model, 6B width, batch 8 x 512) |",
               "| --- | --- |"]
     lines += [f"| {att} | {', '.join(f'`{k[:70]}`' for k in ks) if isinstance(ks, list) else ks} |"
@@ -138,14 +159,15 @@ def main():
     left = lambda cap: min(cap, args.budget - (time.perf_counter() - t0))  # noqa: E731
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "bandwidth_tb_s": copy_bandwidth() / 1e12,
-              "train": {name: {} for name in TRAIN_CASES}, "generate": {}, "kernels": {}}
+              "train": {name: {} for name in TRAIN_CASES}, "generate": {}, "quantized": {}, "int4_training": {},
+              "kernels": {}}
     for att in ATTENTION_KERNELS:
         try:
             result["kernels"][att] = attention_kernels(att)
         except Exception as e:  # a kernel that does not run here is a finding, not the end of the check
             result["kernels"][att] = f"failed: {type(e).__name__}: {str(e)[:200]}"
     torch.cuda.empty_cache()
-    # Most wanted first: SDPA training, then eager vs compiled decoding, then FlexAttention training.
+    # Most wanted first: SDPA training, eager vs compiled decoding, quantized bases, then FlexAttention training.
     common = ["--model", "chatglm-6b", "--batch-size", "8", "--seq-len", "512", "--steps", "5"]
     for name, flags in TRAIN_CASES.items():
         result["train"][name]["sdpa"] = run_bench("train.py", [*common, *flags, "--attention", "sdpa"], left(120))
@@ -155,6 +177,12 @@ def main():
     for r in gen.get("runs", []):
         bound_s = gen["weight_bytes_per_step"] / (result["bandwidth_tb_s"] * 1e12)
         r["bound_fraction"] = bound_s / (r["decode_step_ms"] / 1e3)
+    for mode in QUANT_MODES:
+        argv = ["--model", "chatglm-6b", "--batch-size", "1", "--prompt-len", "128", "--new-tokens", "64", "--compile",
+                "--quantize", mode]
+        result["quantized"][mode] = run_bench("generate.py", argv, left(150))
+    result["int4_training"] = run_bench("train.py", [*common, *TRAIN_CASES["LoRA QKV last 3"], "--quantize", "int4"],
+                                        left(120))
     for name, flags in TRAIN_CASES.items():
         result["train"][name]["flex"] = run_bench("train.py", [*common, *flags, "--attention", "flex"], left(150))
     result["wall_s"] = time.perf_counter() - t0

@@ -4,6 +4,7 @@ optimizer_step with its default optimisation settings).
     python bench/train.py --hidden 1024 --num-layers 4 --method lora --target qkv --layers 3 \\
         --batch-size 8 --seq-len 256 --precision fp32            # CPU: a small model with the released vocabulary
     python bench/train.py --model chatglm-6b --method lora --batch-size 8 --seq-len 512   # one GPU
+    python bench/train.py --model chatglm-6b --method lora --quantize int4 --batch-size 8 --seq-len 512  # int4 base
 
 Prints tokens/s, step time, peak memory and (on CUDA) the model FLOP utilisation. Every batch is a
 training sample of the study's shape: a prompt of seq_len/2 tokens, [gMASK] <sop>, an answer, <eop>;
@@ -38,6 +39,7 @@ from model.chatglm import ATTENTION_KERNELS, ChatGLMModel  # noqa: E402
 from model.config import PRESETS, ChatGLMConfig  # noqa: E402
 from model.loader import load_config  # noqa: E402
 from model.loss import IGNORE, n_targets  # noqa: E402
+from model.quant import MODES as QUANT_MODES, quantize_model  # noqa: E402
 from runtime.files import write_json  # noqa: E402
 from runtime.flags import POSITIVE  # noqa: E402
 from runtime.precision import DTYPES, add_precision_arg, precision  # noqa: E402
@@ -63,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     add_precision_arg(p, "train.py --precision")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--quantize", choices=QUANT_MODES, default="none", help="train.py --quantize: the frozen base")
     p.add_argument("--compile", action="store_true", help="train.py --compile: torch.compile each block")
     p.add_argument("--attention", choices=ATTENTION_KERNELS, default="sdpa",
                    help="attention kernel (FlexAttention trains on a GPU only)")
@@ -128,11 +131,12 @@ def setup(args, device):
     model.transformer.attention = args.attention
     spec = AdapterSpec.from_args(args, config.num_layers)
     float32_trainable(apply_adapter(model, spec))
+    quantize_model(model, args.quantize)  # the frozen Linears of the blocks, in place (as train.py)
     model.train()
     lowest = train.prepare_blocks(model, args.grad_checkpointing, args.compile)
     optim = train.Optimization()  # train.py's optimisation settings at their defaults (the study's)
     run = train.Execution(precision=args.precision, attention=args.attention, compile=args.compile,
-                          grad_checkpointing=args.grad_checkpointing)
+                          grad_checkpointing=args.grad_checkpointing, quantize=args.quantize)
     trainer = train.make_trainer(model, optim, run, args.warmup + args.steps, rank=0, world=1, device=device)
     batch = random_batch(config, args.batch_size, args.seq_len, torch.Generator().manual_seed(args.seed))
     micro = [(batch, 1 / n_targets(batch["labels"]))]  # the loss: mean over label tokens
@@ -168,6 +172,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     record = {"device": name, "spec": spec.to_dict(), "attention": args.attention, "precision": args.precision,
+              "quantize": args.quantize,
               "batch": args.batch_size, "seq_len": args.seq_len, "step_ms": mean * 1e3, "min_step_ms": min(times) * 1e3,
               "tokens_per_s": tokens / mean, "peak_gib": peak_memory_bytes(device) / 2**30,
               "gflop_per_step": flops / 1e9,
@@ -178,6 +183,7 @@ def main(argv=None):
           f"{spec.to_dict()}; lowest trainable layer {lowest}; attention {args.attention}")
     print(f"device: {name} ({torch.get_num_threads()} threads), {args.precision}, batch {args.batch_size} x "
           f"{args.seq_len} tokens{', grad checkpointing' if args.grad_checkpointing else ''}"
+          f"{f', base {args.quantize}' if args.quantize != 'none' else ''}"
           f"{', compiled' if args.compile else ''}")
     print(f"step time: {mean * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, {args.steps} steps after {args.warmup} warmup)")
     print(f"tokens/s: {tokens / mean:.0f}")

@@ -11,6 +11,13 @@ output layer, every bias and every trained tensor keep their dtype. Symmetric, n
 Scales are stored in the weight's dtype (bf16, fp16 or fp32). The quantized tensors are buffers: never
 trained, never in the optimizer or an adapter file, identical on every rank. A layer's float weight exists
 only for its own matmul (forward dequantizes it), so memory holds one float layer at a time.
+
+Under torch.compile, a call with at most FUSED_ROWS rows (a decode step: one token per sequence) takes the fused
+form instead: the dequantization, the products and the sum written as one expression, which the compiler turns
+into a reduction kernel that reads each int8 or packed byte once and never stores a float weight. Decoding reads
+the weights once per token, so it runs as fast as it reads bytes: int8 and int4 read 4x and 8x fewer than
+float32. Eagerly that expression would materialize a (rows, out, in) tensor, and at many rows (prefill, training)
+a matmul that reuses each weight for every row beats recomputing it per row: both keep dequantize + matmul.
 """
 import torch
 import torch.nn as nn
@@ -21,6 +28,7 @@ from .chatglm import ChatGLMModel
 MODES = ("none", "int8", "int4")
 TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # module names inside a block
 GROUP_SIZE = 128
+FUSED_ROWS = 32  # compiled calls with up to this many rows take the fused form (evaluate.py's default batch)
 TINY = torch.finfo(torch.float32).tiny  # an all-zero row or group: scale 0, q 0 (no 0 / 0)
 
 
@@ -76,7 +84,23 @@ class QuantLinear(nn.Module):
         w = q.to(self.scales.dtype).sub_(8).mul_(self.scales[..., None])  # in place: one float copy, not three
         return w.flatten(1)[:, :self.in_features]
 
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> x W^T (..., out), the dequantization inside the sum (see the module docstring)."""
+        dtype = self.scales.dtype
+        if self.mode == "int8":
+            return (x[..., None, :] * self.qweight.to(dtype)).sum(-1) * self.scales  # (..., out, in) summed
+        half = self.group_size // 2
+        u = self.qweight.view(self.out_features, -1, half)  # (out, G, g/2): byte j = columns j and j + g/2
+        x = F.pad(x, (0, u.shape[1] * self.group_size - self.in_features))  # the padded group's zeros
+        x = x.unflatten(-1, (u.shape[1], 2, half))[..., None, :, :, :]  # (..., 1, G, 2, g/2)
+        low, high = (u & 15).to(dtype) - 8, (u >> 4).to(dtype) - 8  # (out, G, g/2) each
+        per_group = (x[..., 0, :] * low + x[..., 1, :] * high).sum(-1)  # (..., out, G)
+        return (per_group * self.scales).sum(-1)
+
     def forward(self, x):
+        if torch.compiler.is_compiling() and x.numel() <= FUSED_ROWS * x.shape[-1]:
+            y = self.fused(x)
+            return y if self.bias is None else y + self.bias
         if self.mode == "int8":  # a row's scale commutes with the matmul: scale its output, not the whole weight
             y = F.linear(x, self.qweight.to(self.scales.dtype)) * self.scales
             return y if self.bias is None else y + self.bias

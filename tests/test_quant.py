@@ -13,11 +13,13 @@ from safetensors.torch import load_file
 import evaluate
 import train
 from adapters import AdapterSpec, LoRALinear, apply_adapter, load_adapter
-from conftest import REPO, TRAIN_SMALL, greedy_answers, script_env, torchrun_command, train_log
+from conftest import DEMO_DIR, REPO, TRAIN_SMALL, greedy_answers, script_env, torchrun_command, train_log
+from data.encode import build_eval_samples
 from model.generate import generate_ids
 from model.loader import load_model
 from model.quant import QuantLinear, quantize_model, tensor_bytes
 from model.tokenizer import load_tokenizer
+from study.grid import DEMO_BASE
 
 SMALL = [*TRAIN_SMALL, "--logging-steps", "1", "--save-steps", "0"]
 LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -36,7 +38,8 @@ def quantized_tiny(mode: str):
 def test_weights_on_the_grid_come_back_exactly(mode, qmax, width, group):
     """Weights that are integers times 0.25 with a +-qmax in every row (int4: every group) quantize without
     error: dequantize() gives them back bit for bit, whatever the nibble order, and a group size that does not
-    divide the width (200 = 128 + 72, 200 = 33 x 6 + 2) pads its last group."""
+    divide the width (200 = 128 + 72, 200 = 33 x 6 + 2) pads its last group. The fused form (compiled decoding)
+    computes the same product, on inputs of any leading shape."""
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-qmax, qmax + 1, (48, width), generator=g)
     step = width if mode == "int8" else group
@@ -46,6 +49,8 @@ def test_weights_on_the_grid_come_back_exactly(mode, qmax, width, group):
     assert torch.equal(layer.dequantize(), w)
     x = torch.randn(5, width, generator=g)
     torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    fused = layer.fused(x[:, None]) + b  # summed in another order: up to 200 terms of up to |32|, 1e-4 apart
+    torch.testing.assert_close(fused, F.linear(x[:, None], w, b), rtol=1e-5, atol=3e-4)
     groups = -(-width // group)
     if mode == "int8":
         assert layer.qweight.dtype == torch.int8 and layer.qweight.shape == (48, width)
@@ -103,6 +108,33 @@ def test_logits_and_greedy_tokens_near_float32(mode, rel, of_blocks, greedy_same
     a, b = generate_ids(reference, prompts, max_new_tokens=16), generate_ids(quantized, prompts, max_new_tokens=16)
     same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / sum(len(r) for r in a)
     assert same >= greedy_same, same
+
+
+@pytest.mark.slow
+def test_compiled_decoding_takes_the_fused_form_and_gives_the_eager_quantized_tokens(monkeypatch):
+    """The demo's trained base model (random weights barely let the blocks move a greedy token), int8 and int4,
+    3 role-play prompts of 53, 33 and 5 tokens left-padded into one batch, greedy: the compiled decode step gives
+    the eager quantized path's tokens. It takes the fused form: with the fused form's output zeroed, the eager
+    tokens stay and the compiled ones change."""
+    torch._dynamo.reset()  # the compiles below count from zero, whatever ran before (the recompile limit is 8)
+    tokenizer = load_tokenizer(REPO / DEMO_BASE)
+    prompts = [s["input_ids"] for s in build_eval_samples(tokenizer, "roleplay_all_test", DEMO_DIR, 3, 64)]
+
+    def quantized_demo(mode):
+        model = load_model(REPO / DEMO_BASE).requires_grad_(False).eval()
+        quantize_model(model, mode)
+        return model
+
+    for mode in ("int8", "int4"):
+        model = quantized_demo(mode)
+        eager = generate_ids(model, prompts, max_new_tokens=12)
+        assert generate_ids(model, prompts, max_new_tokens=12, compiled=True) == eager
+        assert [len(r) for r in eager] == [8, 7, 9]  # each ends at its own <eop>
+    fused = QuantLinear.fused
+    monkeypatch.setattr(QuantLinear, "fused", lambda self, x: fused(self, x) * 0)
+    torch._dynamo.reset()  # the step is traced again, with the zeroed form
+    assert generate_ids(model, prompts, max_new_tokens=12) == eager
+    assert generate_ids(model, prompts, max_new_tokens=12, compiled=True) != eager
 
 
 # ---------------------------------------------------------------- training over a quantized base
