@@ -14,10 +14,11 @@ only for its own matmul (forward dequantizes it), so memory holds one float laye
 
 Under torch.compile, a call with at most FUSED_ROWS rows (a decode step: one token per sequence) takes the fused
 form instead: the dequantization, the products and the sum written as one expression, which the compiler turns
-into a reduction kernel that reads each int8 or packed byte once and never stores a float weight. Decoding reads
-the weights once per token, so it runs as fast as it reads bytes: int8 and int4 read 4x and 8x fewer than
-float32. Eagerly that expression would materialize a (rows, out, in) tensor, and at many rows (prefill, training)
-a matmul that reuses each weight for every row beats recomputing it per row: both keep dequantize + matmul.
+into a reduction kernel that reads each int8 or packed byte once and never stores a float weight. A decode step of
+one sequence is bound by the bytes it reads, and int8 / int4 blocks read 4x / 8x fewer than float32 (BENCHMARKS.md:
+1.7x / 1.6x the compiled float32 step on a 2-core CPU at ChatGLM-6B's shape). The fused form converts each weight
+once per row, so rows cost arithmetic: many rows (prefill, training) keep dequantize + matmul, which reuses each
+float weight for every row, and so do eager calls, where the expression would materialize a (rows, out, in) tensor.
 """
 import torch
 import torch.nn as nn
@@ -28,7 +29,8 @@ from .chatglm import ChatGLMModel
 MODES = ("none", "int8", "int4")
 TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # module names inside a block
 GROUP_SIZE = 128
-FUSED_ROWS = 32  # compiled calls with up to this many rows take the fused form (evaluate.py's default batch)
+FUSED_ROWS = 32  # compiled calls with up to this many rows take the fused form: on the CPU measured, it beats
+# dequantize + matmul up to 32 rows (evaluate.py's default batch); not yet measured on a GPU
 TINY = torch.finfo(torch.float32).tiny  # an all-zero row or group: scale 0, q 0 (no 0 / 0)
 
 
