@@ -3,6 +3,8 @@ trained over an int8 base and applied to the float base, P-Tuning and Freeze ove
 process, the refusals, and the dry run's base-weights line for ChatGLM-6B."""
 import json
 import subprocess
+import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +19,8 @@ from conftest import DEMO_DIR, REPO, TRAIN_SMALL, greedy_answers, script_env, to
 from data.encode import build_eval_samples
 from model.generate import generate_ids
 from model.loader import load_model
-from model.quant import QuantLinear, quantize_model, tensor_bytes
+from model.config import ChatGLMConfig
+from model.quant import QuantLinear, base_weight_bytes, quantize_model, tensor_bytes
 from model.tokenizer import load_tokenizer
 from study.grid import DEMO_BASE
 
@@ -233,6 +236,32 @@ def test_ddp_over_a_quantized_base_equals_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("one", "two"))
     assert one.keys() == two.keys() and max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+
+
+@pytest.mark.slow
+def test_the_benchmarks_run_over_a_quantized_base(tmp_path):
+    """bench/generate.py and bench/train.py with --quantize, as bench/gpu_check.py runs them on a GPU (here the tiny
+    preset at 2 layers, on the CPU): the records name the depth and the quantization, and hold the bytes that the
+    config says a quantized model has."""
+    config = replace(ChatGLMConfig.from_name("tiny"), num_layers=2)
+    for mode in ("none", "int4"):
+        out = tmp_path / f"generate-{mode}.json"
+        done = subprocess.run([sys.executable, "bench/generate.py", "--model", "tiny", "--layers", "2", "--batch-size",
+                               "1", "2", "--prompt-len", "16", "--new-tokens", "4", "--quantize", mode, "--json", out],
+                              cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        record = json.loads(out.read_text())
+        assert (record["layers"], record["quantize"], [r["batch"] for r in record["runs"]]) == (2, mode, [1, 2])
+        assert record["tensor_bytes"] == base_weight_bytes(config, torch.float32, mode)
+    out = tmp_path / "train.json"
+    done = subprocess.run([sys.executable, "bench/train.py", "--model", "tiny", "--method", "lora", "--target", "qkv",
+                           "--layers", "1", "--quantize", "int4", "--batch-size", "2", "--seq-len", "32",
+                           "--steps", "1", "--warmup", "1", "--precision", "fp32", "--json", out],
+                          cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert (record["quantize"], record["spec"]["method"], record["spec"]["layers"]) == ("int4", "lora", [5])
+    assert record["step_ms"] > 0 and record["peak_gib"] > 0
 
 
 # ---------------------------------------------------------------- the dry run's base-weights line
