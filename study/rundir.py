@@ -36,6 +36,9 @@ def partial_predictions(key: str, rank: int | str) -> str:
     return f"generated_predictions.partial-{key}.rank{rank}.jsonl"
 
 
+REEVALUATE = "evaluate.py writes this file: evaluate again"  # the fix for a broken scores or predictions file
+
+
 class RunFileError(InputError):
     """A file of a run that is there but cannot be used (cut short, edited): the message names it and the fault."""
 
@@ -66,16 +69,21 @@ def set_scores(run_dir: Path, dataset: str) -> list[dict] | None:
     return read_scores(path) if path.is_file() else None
 
 
-def read_scores(path: Path) -> list[dict]:
-    """scores.jsonl: an integer "index" and numbers per line; RunFileError where a line is not such a row."""
-    fix = "evaluate.py writes this file: evaluate again"
+def evaluation_lines(path: Path) -> list:
+    """The lines of a JSON-lines file evaluate.py wrote (load_jsonl); its faults as RunFileError."""
     try:
-        rows = load_jsonl(path, fix)
+        return load_jsonl(path, REEVALUATE)
     except InputError as e:
         raise RunFileError(str(e)) from None
+
+
+def read_scores(path: Path) -> list[dict]:
+    """scores.jsonl: an integer "index" and numbers per line; RunFileError where a line is not such a row."""
+    rows = evaluation_lines(path)
     for i, row in enumerate(rows):
         if not (isinstance(row, dict) and isinstance(row.get("index"), int) and all(map(is_number, row.values()))):
-            raise RunFileError(f"{path}: row {i} is not a sample's index and scores (cut short or edited); {fix}")
+            raise RunFileError(f"{path}: row {i} is not a sample's index and scores (cut short or edited); "
+                               f"{REEVALUATE}")
     return rows
 
 
@@ -89,19 +97,15 @@ def read_predictions(path: Path) -> list[dict]:
     """A finished generated_predictions.jsonl, every line a record with an integer "index" and the "prompt",
     "label" and "predict" strings (more keys are kept); RunFileError naming the line where one is not. (An
     unfinished evaluation's partial files are read leniently instead: a line a kill cut short is generated again.)"""
-    fix = "evaluate.py writes this file: evaluate again"
-    try:
-        records = load_jsonl(path, fix)
-    except InputError as e:
-        raise RunFileError(str(e)) from None
+    records = evaluation_lines(path)
     for i, r in enumerate(records):
         if not (isinstance(r, dict) and isinstance(r.get("index"), int)
                 and all(isinstance(r.get(k), str) for k in ("prompt", "label", "predict"))):
             raise RunFileError(f"{path}: record {i} is not a sample's index, prompt, label and answer (cut short or "
-                               f"edited); {fix}")
+                               f"edited); {REEVALUATE}")
     if not records:
         raise RunFileError(f"{path}: no prediction records (generated_predictions.jsonl lines with 'index', "
-                           f"'prompt', 'label' and 'predict'); {fix}")
+                           f"'prompt', 'label' and 'predict'); {REEVALUATE}")
     return records
 
 
